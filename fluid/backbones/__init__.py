@@ -1,0 +1,1 @@
+"""Pretrained backbones (autoregressive LMs) that FLUID adapts."""

@@ -1,0 +1,42 @@
+"""Config helpers: OmegaConf resolvers and the early check of config-group overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def auto_precision() -> str:
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("fluid.auto_precision"):
+        OmegaConf.register_new_resolver("fluid.auto_precision", auto_precision)
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    d = conf_dir / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """One-line message for ``group=option`` overrides naming a config file that does not exist."""
+    for ov in overrides:
+        if "=" not in ov or ov.startswith(("+", "~", "hydra")):
+            continue
+        key, value = ov.split("=", 1)
+        key = key.lstrip("+")
+        if "." in key or not (conf_dir / key).is_dir():
+            continue
+        options = group_options(key, conf_dir)
+        for v in value.split(","):  # multirun: a,b,c
+            v = v.strip()
+            if v and v != "null" and v not in options:
+                return f"{key}={v}: unknown option for '{key}'; choose from: {', '.join(options)}"
+    return None

@@ -1,0 +1,72 @@
+"""What every FLUID LightningModule shares: the backbone spec, optimiser, test-time greedy
+accuracy and Hugging Face export. Subclasses add only their loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from fluid.backbones.spec import BackboneSpec
+from fluid.decoding.ar import greedy_generate
+from fluid.eval.answers import exact_match
+from fluid.modules.optim import OptimConfig, build_optimizer
+
+
+class FluidModule(L.LightningModule):
+    stage_id: int = -1
+
+    def __init__(self, backbone: BackboneSpec, tokenizer, optim: dict | None = None,
+                 eval_max_new_tokens: int = 128):
+        super().__init__()
+        self.spec, self.tokenizer = backbone, tokenizer
+        self.optim_cfg = OptimConfig(**(optim or {}))
+        self.eval_max_new_tokens = eval_max_new_tokens
+        self.model = None
+        self.test_records: list[dict[str, Any]] = []
+        self.save_hyperparameters({"backbone": vars(backbone), "optim": vars(self.optim_cfg),
+                                   "eval_max_new_tokens": eval_max_new_tokens})
+
+    # -------------------------------------------------------------- training
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1
+        return build_optimizer(self.parameters(), self.optim_cfg, max(1, total))
+
+    # ------------------------------------------------------------------ test
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        res = greedy_generate(self.model, batch["prompt_ids"], max_new_tokens=self.eval_max_new_tokens,
+                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        correct = 0
+        for toks, ref in zip(res.tokens, batch["answers"]):
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            ok = exact_match(text, ref)
+            correct += ok
+            self.test_records.append({"completion": text, "reference": ref, "correct": bool(ok)})
+        n = len(batch["answers"])
+        self.log("test/accuracy", correct / n, batch_size=n, on_epoch=True, sync_dist=True)
+
+    # ---------------------------------------------------------------- export
+    def export_hf(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Save model + tokenizer as a plain Hugging Face directory (+ ``fluid.json``)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        meta = {"stage": self.stage_id, "source_backbone": self.spec.name, "source_path": self.spec.path,
+                "mask_token": self.tokenizer.mask_token, "mask_token_id": self.tokenizer.mask_token_id}
+        meta.update(extra or {})
+        (out / "fluid.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token cross-entropies over non-ignored labels, and their count (float32 maths)."""
+    flat = labels.reshape(-1)
+    keep = flat != -100
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep].float(), flat[keep],
+                                             reduction="sum")
+    return loss, keep.sum()

@@ -1,0 +1,146 @@
+"""Training entry point: ``python -m fluid.train stage=0|1|2 backbone=... data=...``.
+
+``train(cfg)`` instantiates data, module and trainer from the composed config, fits, exports
+a Hugging Face checkpoint, evaluates on the test split and returns the flat metrics dict
+that is also written to ``<run dir>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fluid.config import CONF_DIR, check_group_overrides, register_resolvers
+from fluid.utils.errors import FluidConfigError
+
+log = logging.getLogger("fluid.train")
+register_resolvers()
+
+
+def _instantiate_dict(node: DictConfig | None) -> list:
+    from hydra.utils import instantiate
+
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def build(node: DictConfig, **objects):
+    """Call ``node._target_`` with the node's plain values plus live objects (spec, tokenizer)."""
+    from hydra.utils import get_class
+
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    target = get_class(kwargs.pop("_target_"))
+    return target(**kwargs, **objects)
+
+
+def _strategy(cfg: DictConfig):
+    from hydra.utils import instantiate
+
+    if "_target_" in cfg.strategy:
+        return instantiate(cfg.strategy)
+    return cfg.strategy.get("name", "auto")
+
+
+def _publish(checkpoint_dir: Path, link: Path) -> None:
+    """Point ``link`` (e.g. outputs/artifacts/tiny-ar) at this run's checkpoint."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(link.name + f".tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(checkpoint_dir.resolve(), target_is_directory=True)
+    tmp.replace(link)
+    log.info("published %s -> %s", link, checkpoint_dir)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from fluid.backbones.spec import BackboneSpec
+    from fluid.utils.runinfo import git_revision, write_json
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
+    L.seed_everything(cfg.seed, workers=True)
+
+    metrics: dict[str, Any] = {"status": "failed"}
+    try:
+        spec = BackboneSpec.from_config(cfg.backbone)
+        from_scratch = cfg.stage.id == 0 and spec.is_embedded
+        tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
+        datamodule = instantiate(cfg.data, tokenizer=tokenizer, _recursive_=True)
+        module = build(cfg.stage.module, backbone=spec, tokenizer=tokenizer, **_stage_kwargs(cfg))
+        trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=_instantiate_dict(cfg.logger) or False,
+                              callbacks=_instantiate_dict(cfg.get("callbacks")))
+        trainer.fit(module, datamodule=datamodule)
+        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+        metrics["train/steps"] = trainer.global_step
+        metrics["train/wall_time_s"] = time.perf_counter() - t0
+        ckpt = module.export_hf(run_dir / "checkpoint", extra=_export_meta(cfg))
+        metrics["checkpoint_dir"] = str(ckpt.resolve())
+        if from_scratch:
+            _publish(ckpt, Path(spec.path))
+        if cfg.get("test", True):
+            test = trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics.update(test[0] if test else {})
+            write_jsonl(run_dir / "test_predictions.jsonl", module.test_records)
+        metrics["status"] = "completed"
+    except BaseException as e:
+        metrics["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        metrics["wall_time_s"] = time.perf_counter() - t0
+        metrics["run_dir"] = str(run_dir.resolve())
+        write_json(run_dir / "metrics.json", metrics)
+    log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
+    return metrics
+
+
+def _stage_kwargs(cfg: DictConfig) -> dict:
+    """Stage-specific groups a module consumes (masking for stage 1, tau for stage 2)."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in cfg.stage.get("consumes", [])}
+
+
+def _export_meta(cfg: DictConfig) -> dict:
+    return {"data": cfg.data.name, "seed": cfg.seed}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    import json
+
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except FluidConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    objective = cfg.get("optimized_metric")
+    return metrics.get(objective) if objective else None
+
+
+def main() -> None:
+    msg = check_group_overrides(sys.argv[1:])
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
