@@ -16,8 +16,12 @@ def auto_precision() -> str:
 
 
 def register_resolvers() -> None:
+    from fluid.sweep import sweep_group
+
     if not OmegaConf.has_resolver("fluid.auto_precision"):
         OmegaConf.register_new_resolver("fluid.auto_precision", auto_precision)
+    if not OmegaConf.has_resolver("fluid.sweep_group"):
+        OmegaConf.register_new_resolver("fluid.sweep_group", sweep_group)
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -40,3 +44,17 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> st
             if v and v != "null" and v not in options:
                 return f"{key}={v}: unknown option for '{key}'; choose from: {', '.join(options)}"
     return None
+
+
+def quote_numeric_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+    """``stage=1`` -> ``stage='1'``: Hydra parses a bare number as int, which it refuses as
+    a config-group choice; quoting keeps ``stage=0,1,2`` sweeps working too."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and "." not in key and (conf_dir / key.lstrip("+")).is_dir():
+            parts = value.split(",")
+            if all(p.strip().isdigit() for p in parts):
+                arg = key + "=" + ",".join(f"'{p.strip()}'" for p in parts)
+        out.append(arg)
+    return out

@@ -7,6 +7,7 @@ that is also written to ``<run dir>/metrics.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fluid.config import CONF_DIR, check_group_overrides, register_resolvers
+from fluid.config import CONF_DIR, check_group_overrides, quote_numeric_group_overrides, register_resolvers
 from fluid.utils.errors import FluidConfigError
 
 log = logging.getLogger("fluid.train")
@@ -76,6 +77,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"status": "failed"}
     try:
         spec = BackboneSpec.from_config(cfg.backbone)
+        if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
+            spec = dataclasses.replace(spec, path=cfg.stage.init_checkpoint, scratch=None, prepare=None)
         from_scratch = cfg.stage.id == 0 and spec.is_embedded
         tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, _recursive_=True)
@@ -88,9 +91,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train/wall_time_s"] = time.perf_counter() - t0
         ckpt = module.export_hf(run_dir / "checkpoint", extra=_export_meta(cfg))
         metrics["checkpoint_dir"] = str(ckpt.resolve())
-        if from_scratch:
-            _publish(ckpt, Path(spec.path))
-        if cfg.get("test", True):
+        publish = cfg.stage.get("publish") or (spec.path if from_scratch else None)
+        if publish and cfg.get("publish", True):
+            _publish(ckpt, Path(publish))
+        if cfg.get("test", True) and cfg.stage.get("run_test", True):
             test = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update(test[0] if test else {})
             write_jsonl(run_dir / "test_predictions.jsonl", module.test_records)
@@ -139,6 +143,7 @@ def main() -> None:
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = quote_numeric_group_overrides(sys.argv[1:])
     _hydra_main()
 
 

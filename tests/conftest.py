@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fluid.config import CONF_DIR, register_resolvers  # noqa: E402
+from fluid.config import CONF_DIR, quote_numeric_group_overrides, register_resolvers  # noqa: E402
 
 register_resolvers()
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,8 @@ def compose_cfg(overrides: list[str], out_dir: Path, cache_dir: Path | None = No
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name="train", overrides=quote_numeric_group_overrides(overrides),
+                      return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
@@ -72,3 +73,13 @@ def tiny_model(arch: str = "llama", vocab_size: int = 128, seed: int = 0, **kw):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, arith_tokenizer) -> Path:
+    """A tiny random Llama + the arith tokenizer saved as a plain HF directory."""
+    out = tmp_path_factory.mktemp("tiny-ckpt")
+    model = tiny_model("llama", vocab_size=len(arith_tokenizer), tie_word_embeddings=True)
+    model.save_pretrained(out)
+    arith_tokenizer.save_pretrained(out)
+    return out

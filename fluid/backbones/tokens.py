@@ -1,0 +1,49 @@
+"""The MASK token: resolve the configured one, or add it (DESIGN section 1, item 7)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fluid.utils.errors import FluidConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_mask_token(tokenizer, model, mask_token: str | int | None) -> tuple[int, bool]:
+    """Return ``(mask_token_id, added)``.
+
+    ``mask_token`` is a token string (``"[unused32]"``) or an id. A string the vocabulary
+    lacks is added as a special token and the embeddings are resized; the caller must make
+    that row trainable (a frozen random row under LoRA is a silent bug).
+    """
+    if mask_token is None:
+        if tokenizer.mask_token_id is None:
+            raise FluidConfigError("backbone.mask_token", "is not set and the tokenizer has no mask token",
+                                   "set backbone.mask_token to a reserved token or a new token string")
+        return int(tokenizer.mask_token_id), False
+    if isinstance(mask_token, int):
+        if not 0 <= mask_token < len(tokenizer):
+            raise FluidConfigError("backbone.mask_token", f"id {mask_token} is outside the vocabulary ({len(tokenizer)})")
+        return mask_token, False
+    existing = tokenizer.convert_tokens_to_ids(mask_token)
+    if existing is not None and existing != tokenizer.unk_token_id:
+        if tokenizer.mask_token != mask_token:
+            tokenizer.mask_token = mask_token
+        return int(existing), False
+    tokenizer.add_special_tokens({"mask_token": mask_token})
+    mask_id = int(tokenizer.convert_tokens_to_ids(mask_token))
+    emb = model.get_input_embeddings().weight
+    if mask_id >= emb.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    log.info("added mask token %r as id %d (vocabulary %d)", mask_token, mask_id, len(tokenizer))
+    return mask_id, True
+
+
+def noise_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Ids a noised slot may take: every non-special token of the model's vocabulary."""
+    special = set(tokenizer.all_special_ids)
+    special.update(getattr(tokenizer, "added_tokens_decoder", {}).keys())
+    ids = [i for i in range(min(vocab_size, len(tokenizer))) if i not in special]
+    return torch.tensor(ids, dtype=torch.long)

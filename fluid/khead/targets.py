@@ -1,0 +1,56 @@
+"""K-head targets as pure functions (DESIGN section 2).
+
+per-slot losses of full-length lanes -> ``K* = max{k : mean(l_1..l_k) < tau}`` (at least 1)
+-> Gaussian soft labels centred on class ``K*-1`` -> KL(q || softmax(head)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fluid.lanes.expand import LaneBatch
+
+
+def lane_slot_losses(ce: torch.Tensor, lb: LaneBatch, horizon: int):
+    """Gather per-token losses ``ce (B, L)`` into lanes.
+
+    Returns ``losses (A, K)``, ``valid (A, K)`` (slot exists and has a target), the
+    ``(row, expanded index)`` of each lane's anchor main token, for every lane in the batch.
+    """
+    slot_mask = lb.valid & ~lb.is_main & (lb.slot >= 1)
+    rows, cols = torch.nonzero(slot_mask, as_tuple=True)
+    first = slot_mask & (lb.slot == 1)
+    a_rows, a_cols = torch.nonzero(first, as_tuple=True)
+    anchor_idx = a_cols - 1  # the anchor's main token directly precedes slot 1
+    n = len(a_rows)
+    # lane number of every slot: lanes are contiguous, numbered in (row, column) order
+    lane_no = torch.cumsum(first[rows, cols].long(), 0) - 1
+    losses = torch.zeros((n, horizon), dtype=ce.dtype, device=ce.device)
+    valid = torch.zeros((n, horizon), dtype=torch.bool, device=ce.device)
+    j = lb.slot[rows, cols] - 1
+    losses[lane_no, j] = ce[rows, cols]
+    valid[lane_no, j] = lb.targets[rows, cols] >= 0
+    return losses, valid, (a_rows, anchor_idx)
+
+
+def k_star(losses: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
+    """``max{k : mean(l_1..l_k) < tau}`` over the valid prefix of each lane, at least 1."""
+    k = torch.arange(1, losses.shape[-1] + 1, device=losses.device)
+    prefix_valid = torch.cumprod(valid.long(), -1).bool()
+    means = torch.cumsum(torch.where(valid, losses, torch.zeros_like(losses)), -1) / k
+    ok = prefix_valid & (means < tau)
+    best = torch.where(ok, k, torch.zeros_like(k)).max(-1).values
+    return best.clamp(min=1)
+
+
+def soft_labels(kstar: torch.Tensor, horizon: int, sigma: float = 1.5) -> torch.Tensor:
+    """``q_c ∝ exp(-(c - (K*-1))^2 / (2 sigma^2))`` over classes ``c = 0..K-1``."""
+    c = torch.arange(horizon, device=kstar.device, dtype=torch.float32)
+    logits = -((c[None, :] - (kstar[:, None].float() - 1)) ** 2) / (2 * sigma**2)
+    return torch.softmax(logits, -1)
+
+
+def kl_to_soft_labels(head_logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over lanes of KL(q || softmax(head_logits))."""
+    logp = torch.log_softmax(head_logits.float(), -1)
+    return (q * (torch.log(q.clamp(min=1e-12)) - logp)).sum(-1).mean()

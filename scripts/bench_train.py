@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Training-step benchmark for stage 1 (and stage 2 once it exists): tokens/s and peak memory.
+
+Cases, all on the same expanded batch and the same model (LoRA as in stage 1):
+  (a) dense   : our lane expansion + a 4-D float mask in the model dtype (SDPA)
+  (b) flex    : our lane expansion + a flex-attention BlockMask (CUDA only)
+  (c) ref     : reference-style: a full float32 (B,1,L,L) mask with -inf built per batch
+                by Python loops over the rows (as the published code does)
+  (d) causal  : a plain causal step over a sequence of the same expanded length
+
+Each case runs in its own subprocess so that peak memory is its own (CUDA: max allocated;
+CPU: peak RSS growth over the loaded model). Prints a table, writes JSON.
+
+  python scripts/bench_train.py --out outputs/bench/train.json
+  python scripts/bench_train.py --out bench.json --device cuda --seq-len 1000 --batch-size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CASES = ["dense", "flex", "ref", "causal"]
+
+
+def build(args):
+    from fluid.backbones.spec import BackboneSpec
+    from fluid.backbones.tokens import noise_token_ids, resolve_mask_token
+    from fluid.data.arith import ArithTask
+    from fluid.data.sft import IGNORE, SFTDataset, collate_sft
+    from fluid.data.tokenizer import build_arith_tokenizer
+    from fluid.lanes import FluidSchedule, expand_lanes
+    from fluid.modules.lora import LoraSettings, apply_lora
+
+    torch.manual_seed(0)
+    cache = os.environ.get("FLUID_CACHE", "outputs/cache")
+    tok = build_arith_tokenizer(cache)
+    scratch = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                   num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 48),
+                   max_position_embeddings=max(4096, 2 * args.seq_len + 64), tie_word_embeddings=True)
+    spec = BackboneSpec(name="bench", scratch=scratch, dtype=args.dtype, mask_token="<|mask|>")
+    model = spec.build_model(from_scratch=True, vocab_size=len(tok)).to(args.device)
+    mask_id, _ = resolve_mask_token(tok, model, spec.mask_token)
+    model = apply_lora(model, LoraSettings(), [mask_id])
+    if args.seq_len:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(10, len(tok), (args.batch_size, args.seq_len), generator=g)
+        labels = torch.full_like(ids, IGNORE)
+        prompt = args.seq_len // 5
+        labels[:, prompt - 1: -1] = ids[:, prompt:]
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    else:
+        ds = SFTDataset(ArithTask(seed=0).examples("train", args.batch_size), tok, 512)
+        batch = collate_sft([ds[i] for i in range(args.batch_size)], tok.pad_token_id)
+    lb = expand_lanes(batch["input_ids"], batch["labels"], batch["attention_mask"], FluidSchedule(),
+                      mask_token_id=mask_id, noise_token_ids=noise_token_ids(tok, len(tok)),
+                      pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                      pad_to_multiple=128 if args.device == "cuda" else 1)
+    return model, lb.to(args.device), batch
+
+
+def reference_mask(lb) -> torch.Tensor:
+    """Published-code style: float32 -inf mask, filled entry by entry per row and lane."""
+    b, n = lb.input_ids.shape
+    mask = torch.full((b, 1, n, n), float("-inf"), dtype=torch.float32)
+    is_main, lane, valid = lb.is_main.cpu().tolist(), lb.lane.cpu().tolist(), lb.valid.cpu().tolist()
+    for r in range(b):
+        mains = [k for k in range(n) if is_main[r][k]]
+        for q in range(n):
+            if not valid[r][q]:
+                mask[r, 0, q, q] = 0.0
+                continue
+            for k in mains:
+                if k > q:
+                    break
+                mask[r, 0, q, k] = 0.0
+            if not is_main[r][q]:
+                k = q
+                while k >= 0 and lane[r][k] == lane[r][q]:
+                    mask[r, 0, q, k] = 0.0
+                    k -= 1
+    return mask.to(lb.input_ids.device)
+
+
+def step(model, opt, case, lb):
+    from fluid.lanes.attention import block_mask, dense_float_mask
+    from fluid.modules.hybrid import combine, lane_losses
+
+    dtype = next(model.parameters()).dtype
+    if case == "causal":
+        pos = torch.arange(lb.length, device=lb.input_ids.device).expand_as(lb.input_ids)
+        logits = model(input_ids=lb.input_ids, position_ids=pos, use_cache=False).logits
+    else:
+        if case == "dense":
+            mask = dense_float_mask(lb, dtype)
+        elif case == "flex":
+            mask = block_mask(lb)
+        else:
+            mask = reference_mask(lb)
+        logits = model(input_ids=lb.input_ids, attention_mask=mask, position_ids=lb.position_ids,
+                       use_cache=False).logits
+    loss = combine(lane_losses(logits, lb))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def run_case(case, args, queue):
+    try:
+        torch.set_num_threads(args.threads)
+        model, lb, _ = build(args)
+        if case == "flex":
+            if args.device != "cuda":
+                queue.put({"case": case, "skipped": "flex attention training needs CUDA"})
+                return
+            model.config._attn_implementation = "flex_attention"
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for _ in range(args.warmup):
+            step(model, opt, case, lb)
+        cuda = args.device == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            step(model, opt, case, lb)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        t_med = sorted(times)[len(times) // 2]
+        tokens = int(lb.valid.sum())
+        peak = (torch.cuda.max_memory_allocated() - base) if cuda else \
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+        queue.put({"case": case, "step_s": t_med, "tokens_per_s": tokens / t_med, "peak_mem_mb": peak / 2**20,
+                   "expanded_len": lb.length, "tokens": tokens, "peak_kind": "cuda_max_allocated" if cuda else
+                   "cpu_rss_growth"})
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        queue.put({"case": case, "error": f"{type(e).__name__}: {e}"})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=0, help="synthetic rows of this length (0: arith examples)")
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cases", default=",".join(CASES))
+    args = p.parse_args(argv)
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for case in args.cases.split(","):
+        q = ctx.Queue()
+        proc = ctx.Process(target=run_case, args=(case, args, q))
+        proc.start()
+        proc.join()
+        results[case] = q.get() if not q.empty() else {"case": case, "error": f"exit code {proc.exitcode}"}
+    ok = {k: v for k, v in results.items() if "tokens_per_s" in v}
+    summary = {}
+    if "dense" in ok and "causal" in ok:
+        summary["lane_overhead_dense_vs_causal"] = ok["causal"]["tokens_per_s"] / ok["dense"]["tokens_per_s"]
+    if "dense" in ok and "ref" in ok:
+        summary["dense_speedup_vs_ref"] = ok["dense"]["tokens_per_s"] / ok["ref"]["tokens_per_s"]
+    if "flex" in ok and "ref" in ok:
+        summary["flex_speedup_vs_ref"] = ok["flex"]["tokens_per_s"] / ok["ref"]["tokens_per_s"]
+        summary["flex_mem_ratio_vs_ref"] = ok["flex"]["peak_mem_mb"] / max(1e-9, ok["ref"]["peak_mem_mb"])
+    report = {"config": vars(args), "torch": torch.__version__, "cases": results, "summary": summary}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"{'case':8} {'expanded L':>10} {'step (s)':>9} {'tokens/s':>10} {'peak MB':>9}")
+    for case, r in results.items():
+        if "tokens_per_s" in r:
+            print(f"{case:8} {r['expanded_len']:>10} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
+                  f"{r['peak_mem_mb']:>9.1f}")
+        else:
+            print(f"{case:8} {r.get('skipped') or r.get('error')}")
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
