@@ -75,6 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     metrics: dict[str, Any] = {"status": "failed"}
+    trainer = None
     try:
         spec = BackboneSpec.from_config(cfg.backbone)
         if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
@@ -103,11 +104,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
+        _finish_loggers(trainer)
         metrics["wall_time_s"] = time.perf_counter() - t0
         metrics["run_dir"] = str(run_dir.resolve())
         write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _finish_loggers(trainer) -> None:
+    """Close W&B runs: in a multirun every job must get its own run (and flush offline files)."""
+    for logger in getattr(trainer, "loggers", None) or []:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def _stage_kwargs(cfg: DictConfig) -> dict:
