@@ -1,0 +1,112 @@
+"""Batched decoding state shared by the AR baseline and FLUID decoding.
+
+Rows are left-padded prompts; the KV cache may contain *holes* (entries of rejected draft
+slots, or of prompt padding) that a per-row ``key_valid`` mask hides. Every forward gets an
+explicit 4-D float mask and explicit position ids, so a row's result never depends on the
+other rows. Finished rows are dropped from the batch (cache included), so they stop costing
+compute; the cache is compacted when holes dominate it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from fluid.decoding.masks import to_float_mask
+
+
+@dataclass
+class RowStats:
+    tokens: list[int] = field(default_factory=list)
+    nfe: int = 0                     # decoding forwards this row took part in (prefill excluded)
+    accepted: list[int] = field(default_factory=list)   # tokens committed per step
+    horizons: list[int] = field(default_factory=list)   # block size chosen per step
+    draft_forwards: int = 0
+    finished: str = ""               # eos | max_new_tokens | stop
+
+
+def decoder_and_lm_head(model):
+    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+
+
+class DecodeBatch:
+    """The decoding state of the still-active rows of one batch."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int):
+        self.model = model
+        self.decoder, self.lm_head = decoder_and_lm_head(model)
+        p0 = next(model.parameters())
+        self.device, self.dtype = p0.device, p0.dtype
+        n = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), n), pad_token_id, dtype=torch.long, device=self.device)
+        valid = torch.zeros((len(prompts), n), dtype=torch.bool, device=self.device)
+        for r, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {r} is empty")
+            ids[r, n - len(p):] = torch.tensor(list(p), device=self.device)
+            valid[r, n - len(p):] = True
+        self.rows = torch.arange(len(prompts), device=self.device)  # original index of each active row
+        self.cache = DynamicCache()
+        self.key_valid = torch.zeros((len(prompts), 0), dtype=torch.bool, device=self.device)
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        logits, hidden = self.forward(ids, pos, new_valid=valid)
+        self.pending = logits[:, -1]       # logits of the anchor (last committed, cached token)
+        self.h_anchor = hidden[:, -1]      # its final hidden state (K-head input)
+        self.next_pos = pos[:, -1] + 1     # position of the next token
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.numel())
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, new_valid: torch.Tensor | None = None):
+        """Run ``ids`` (B, Q) after the cache; their KV is appended (callers crop/invalidate)."""
+        b, q = ids.shape
+        if new_valid is None:
+            new_valid = torch.ones((b, q), dtype=torch.bool, device=self.device)
+        t = self.key_valid.shape[1]
+        causal = torch.ones((q, q), dtype=torch.bool, device=self.device).tril()
+        allowed = torch.cat([self.key_valid[:, None, :].expand(b, q, t), causal[None].expand(b, q, q) &
+                             new_valid[:, None, :]], dim=-1)
+        allowed[:, :, t:] |= torch.eye(q, dtype=torch.bool, device=self.device)[None]  # never a fully blocked row
+        out = self.decoder(input_ids=ids, attention_mask=to_float_mask(allowed, self.dtype), position_ids=pos,
+                           past_key_values=self.cache, use_cache=True)
+        self.key_valid = torch.cat([self.key_valid, new_valid], dim=1)
+        hidden = out.last_hidden_state
+        return self.lm_head(hidden).float(), hidden
+
+    def crop(self, n: int) -> None:
+        """Drop the last ``n`` cache entries (a draft forward is never committed)."""
+        if n > 0:
+            self.cache.crop(-n)
+            self.key_valid = self.key_valid[:, :-n]
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep only rows where ``mask`` is True (finished rows stop costing compute)."""
+        if bool(mask.all()):
+            return
+        idx = torch.nonzero(mask).flatten()
+        self.cache.batch_select_indices(idx)
+        for name in ("rows", "key_valid", "pending", "h_anchor", "next_pos"):
+            setattr(self, name, getattr(self, name)[idx])
+
+    def compact(self) -> None:
+        """Squeeze cache holes out (left-aligned padding) once they dominate the cache."""
+        t = self.key_valid.shape[1]
+        if self.size == 0:
+            return
+        counts = self.key_valid.sum(-1)
+        width = int(counts.max())
+        if t < 64 or width * 2 > t:
+            return
+        # stable order: invalid entries first, then valid ones in their original order
+        order = torch.argsort(self.key_valid.long() * (t + 1) + torch.arange(t, device=self.device), dim=-1)
+        idx = order[:, t - width:]
+        for layer in self.cache.layers:
+            g = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = torch.gather(layer.keys, 2, g)
+            layer.values = torch.gather(layer.values, 2, g)
+        self.key_valid = torch.gather(self.key_valid, 1, idx)

@@ -1,0 +1,144 @@
+"""Elastic-horizon decoding is lossless: token-identical to greedy AR, whatever the head."""
+
+import pytest
+import torch
+
+from fluid.decoding.ar import greedy_generate
+from fluid.decoding.fluid import DecodeConfig, FluidDecoder, fill_drafts
+from fluid.khead import KHead
+from tests.conftest import tiny_model
+
+VOCAB, MASK, EOS, PAD = 96, 3, 2, 0
+
+
+class Tok:
+    """The few tokenizer attributes the decoder uses (ids only; texts are not needed here)."""
+
+    mask_token_id, eos_token_id, pad_token_id = MASK, None, PAD
+
+    def __init__(self, eos=None):
+        self.eos_token_id = eos
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def prompts(n, seed=0, lo=2, hi=15):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def ar_reference(model, ps, max_new, eos=None):
+    return greedy_generate(model, ps, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD).tokens
+
+
+def decoder(model, eos=None, seed=0, **cfg):
+    torch.manual_seed(seed)
+    head = KHead(model.config.hidden_size, 16)
+    return FluidDecoder(model, Tok(eos), head=head, config=DecodeConfig(**cfg))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_lossless_against_greedy_ar(arch, batch_size):
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    ps = prompts(6, seed=2)
+    ref = ar_reference(model, ps, 24)
+    for horizon in ("head", "fixed"):
+        out = decoder(model, horizon=horizon, fixed_k=5, k_min=2, k_max=8, batch_size=batch_size,
+                      max_new_tokens=24, confidence=0.0).generate(ps)
+        assert out["tokens"] == ref, horizon
+        for row in out["rows"]:
+            assert sum(row.accepted) == len(row.tokens) == 24  # max_new_tokens hit exactly
+            assert row.finished == "max_new_tokens"
+
+
+def test_lossless_when_drafts_are_good():
+    """A model whose prediction ignores its input drafts perfectly: whole blocks are accepted,
+    the verify forward doubles as the next draft, and the output is still exactly AR."""
+    model = tiny_model("llama", vocab_size=VOCAB, seed=3)
+    with torch.no_grad():  # every token (MASK included) embeds to the same vector
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb[5].expand_as(emb))
+    ps = prompts(3, seed=4)
+    ref = ar_reference(model, ps, 40)
+    out = decoder(model, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=40, batch_size=3,
+                  confidence=0.0).generate(ps)
+    assert out["tokens"] == ref
+    assert out["tpf"] > 5  # 8 tokens per verify forward, drafts from the shared forward
+    assert all(r.draft_forwards == 1 for r in out["rows"])
+
+
+def test_eos_inside_a_block_and_ragged_rows():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=5)
+    ps = prompts(5, seed=6)
+    free = ar_reference(model, ps, 30)
+    eos = free[0][6]  # a token that appears mid-generation in row 0
+    ref = ar_reference(model, ps, 30, eos=eos)
+    assert len(ref[0]) <= 7 and ref[0][-1] == eos
+    out = decoder(model, eos=eos, horizon="fixed", fixed_k=8, k_min=1, k_max=8, batch_size=5,
+                  max_new_tokens=30, confidence=0.0).generate(ps)
+    assert out["tokens"] == ref
+    assert {r.finished for r in out["rows"]} <= {"eos", "max_new_tokens"}
+    assert out["rows"][0].finished == "eos"
+
+
+def test_statistics_add_up():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=7)
+    ps = prompts(4, seed=8)
+    out = decoder(model, horizon="fixed", fixed_k=4, k_min=1, k_max=8, max_new_tokens=20, batch_size=4,
+                  confidence=0.5).generate(ps)
+    for row in out["rows"]:
+        assert sum(row.accepted) == len(row.tokens)
+        assert len(row.horizons) == len(row.accepted)  # one verify per step
+        # every step: its draft forwards + one verify forward (a shared forward counts once)
+        assert row.nfe == row.draft_forwards + len(row.accepted)
+        assert all(1 <= a <= h for a, h in zip(row.accepted, row.horizons))
+    assert out["generated_tokens"] == sum(len(t) for t in out["tokens"])
+    assert out["tpf"] == pytest.approx(out["generated_tokens"] / out["nfe"])
+    ar = decoder(model, algorithm="ar", max_new_tokens=20, batch_size=4).generate(ps)
+    assert ar["tpf"] == pytest.approx(1.0)
+    assert ar["tokens"] == out["tokens"]
+
+
+def test_every_horizon_source_verify_off_and_published_loop():
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=9)
+    ps = prompts(3, seed=10)
+    ref = ar_reference(model, ps, 16)
+    dec = decoder(model, k_min=2, k_max=6, max_new_tokens=16, batch_size=3, fixed_k=3)
+    for horizon in ("head", "fixed", "oracle"):
+        assert dec.generate(ps, horizon=horizon)["tokens"] == ref, horizon
+    pub = dec.generate(ps, algorithm="published", horizon="fixed")
+    assert pub["tokens"] == ref
+    lossy = dec.generate(ps, verify=False, horizon="fixed")
+    assert all(len(t) == 16 for t in lossy["tokens"])
+    assert lossy["nfe"] < pub["nfe"]
+
+
+def test_random_heads_never_break_losslessness():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=11)
+    ps = prompts(4, seed=12)
+    ref = ar_reference(model, ps, 20)
+    for seed in range(4):
+        out = decoder(model, seed=seed, k_min=1, k_max=16, max_new_tokens=20, batch_size=2,
+                      confidence=0.3).generate(ps)
+        assert out["tokens"] == ref
+
+
+def test_fill_rule():
+    block = torch.tensor([[7, MASK, MASK, MASK]])
+    need = torch.tensor([[False, True, True, True]])
+    logits = torch.zeros((1, 4, 10))
+    logits[0, 0, 5] = 0.5    # slot 1: not confident, but it is the first empty slot
+    logits[0, 1, 6] = 10.0   # slot 2: confident
+    logits[0, 2, 7] = 0.5    # slot 3: not confident
+    fill_drafts(block, need, logits, confidence=0.9)
+    assert block.tolist() == [[7, 5, 6, MASK]] and need.tolist() == [[False, False, False, True]]
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="horizon"):
+        DecodeConfig(horizon="nope").validate()
+    with pytest.raises(ValueError, match="k_min"):
+        DecodeConfig(k_min=5, k_max=4).validate()
