@@ -36,8 +36,11 @@ test-slow: $(STAMP)  ## slow tests (real SmolLM2 checkpoint, long runs)
 test-gpu: $(STAMP)  ## GPU tests (flex attention, bf16, DeepSpeed); needs CUDA
 	$(BIN)/python -m pytest -q -m gpu
 
-demo: $(STAMP)  ## the main job on the embedded default: stage 0 (tiny AR prior on arith)
+demo: $(STAMP)  ## the embedded pipeline on CPU: stage 0 -> 1 -> 2 -> decode (~25 min on 2 cores)
 	$(BIN)/python -m fluid.train stage=0
+	$(BIN)/python -m fluid.train stage=1
+	$(BIN)/python -m fluid.train stage=2
+	$(BIN)/python -m fluid.generate prompt_file=conf/demo_prompts.txt decode.max_new_tokens=128
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check fluid scripts tests

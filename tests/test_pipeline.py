@@ -113,3 +113,40 @@ def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artif
     groups = {OmegaConf.load(sweep / d / "config.yaml").logger.wandb.group for d in runs}
     assert len(groups) == 1 and None not in groups  # one W&B group for the whole sweep
     assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, tmp_path_factory, cache_dir, artifacts):
+    d = tmp_path_factory.mktemp("stage2")
+    run_stage(2, d, cache_dir, artifacts)
+    return d
+
+
+def _generate(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fluid.config import CONF_DIR
+    from fluid.generate import run
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=list(overrides))
+    return run(cfg)
+
+
+def test_generate_cli_writes_jsonl_and_is_lossless(stage2, tmp_path, capsys):
+    from fluid.data.arith import ArithTask
+
+    qs = [p.question for p in ArithTask(seed=0).problems("test", 3)]
+    (tmp_path / "prompts.txt").write_text("\n".join(qs) + "\n")
+    common = [f"checkpoint={stage2 / 'checkpoint'}", f"prompt_file={tmp_path / 'prompts.txt'}",
+              "decode.max_new_tokens=24", "decode.batch_size=2"]
+    _generate(tmp_path, *common, f"output={tmp_path / 'out.jsonl'}")
+    ar = _generate(tmp_path, *common, "decode.algorithm=ar")
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == qs
+    assert [r["completion"] for r in rows] == [r["completion"] for r in ar["rows"]]
+    assert all(sum(r["accepted"]) == r["tokens"] for r in rows)
+    printed = capsys.readouterr().out
+    assert "TPF" in printed and "tokens/s" in printed

@@ -1,0 +1,117 @@
+"""``python -m fluid.generate``: decode prompts with a FLUID model and print a stats table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fluid.config import CONF_DIR, register_resolvers
+from fluid.utils.errors import FluidConfigError
+
+register_resolvers()
+
+
+def load_for_decoding(checkpoint: str, dtype: torch.dtype, device: str, mask_token_id: int | None = None):
+    """(model, head or None, tokenizer, mask id) from a stage-2 or plain/stage-1 HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fluid.modules.hybrid import read_fluid_json
+    from fluid.modules.khead import load_fluid_model
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FluidConfigError("checkpoint", f"{checkpoint!r} does not exist", "run stages 0-2 first or point at one")
+    meta = read_fluid_json(path)
+    if meta.get("stage") == 2:
+        model, head, tok, meta = load_fluid_model(path, dtype=dtype, device=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        tok, head = AutoTokenizer.from_pretrained(path), None
+    mask = mask_token_id if mask_token_id is not None else meta.get("mask_token_id", tok.mask_token_id)
+    return model, head, tok, mask
+
+
+def read_prompts(cfg: DictConfig) -> list:
+    prompts = list(cfg.prompts or [])
+    if cfg.prompt_file:
+        f = Path(cfg.prompt_file)
+        if not f.exists():
+            raise FluidConfigError("prompt_file", f"{str(f)!r} does not exist")
+        if f.suffix == ".jsonl":
+            for line in f.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    prompts.append(row.get("messages") or row.get("prompt") or row.get("question"))
+        else:
+            prompts += [ln for ln in f.read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise FluidConfigError("prompts", "no prompts given", "pass prompts='[\"...\"]' or prompt_file=FILE")
+    return prompts
+
+
+def encode(tok, prompt, chat: bool) -> list[int]:
+    if isinstance(prompt, str) and not chat:
+        return tok(prompt, add_special_tokens=False)["input_ids"]
+    msgs = prompt if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+    if msgs and msgs[-1].get("role") == "assistant":
+        msgs = msgs[:-1]
+    text = tok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def run(cfg: DictConfig) -> dict:
+    from fluid.decoding.fluid import DecodeConfig, FluidDecoder
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    model, head, tok, mask = load_for_decoding(cfg.checkpoint, dtype, device, cfg.mask_token_id)
+    dcfg = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
+    if dcfg.algorithm == "fluid" and dcfg.horizon == "head" and head is None:
+        raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",
+                               "use a stage-2 checkpoint or decode.horizon=fixed")
+    try:
+        dcfg.validate()
+    except ValueError as e:
+        raise FluidConfigError("decode", str(e)) from None
+    prompts = read_prompts(cfg)
+    ids = [encode(tok, p, cfg.chat) for p in prompts]
+    dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=dcfg, stop_strings=list(cfg.stop_strings))
+    out = dec.generate(ids)
+    rows = []
+    for p, text, st in zip(prompts, out["texts"], out["rows"]):
+        rows.append({"prompt": p, "completion": text, "tokens": len(st.tokens), "nfe": st.nfe,
+                     "tpf": len(st.tokens) / max(1, st.nfe), "accepted": st.accepted, "horizons": st.horizons,
+                     "finished": st.finished})
+    for i, r in enumerate(rows):
+        print(f"--- [{i}] {r['prompt'] if isinstance(r['prompt'], str) else r['prompt'][-1]['content']}")
+        print(r["completion"])
+    print(f"\n{'#':>3} {'tokens':>7} {'NFE':>5} {'TPF':>6} {'mean acc.':>9} {'finished':>15}")
+    for i, r in enumerate(rows):
+        mean_acc = sum(r["accepted"]) / max(1, len(r["accepted"]))
+        print(f"{i:>3} {r['tokens']:>7} {r['nfe']:>5} {r['tpf']:>6.2f} {mean_acc:>9.2f} {r['finished']:>15}")
+    print(f"total: {out['generated_tokens']} tokens, TPF {out['tpf']:.2f}, {out['tokens_per_s']:.1f} tokens/s, "
+          f"{out['wall_time_s']:.2f} s ({dcfg.algorithm}, horizon={dcfg.horizon}, verify={dcfg.verify})")
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(cfg.output, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return {"rows": rows, "tpf": out["tpf"], "tokens_per_s": out["tokens_per_s"]}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except FluidConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
