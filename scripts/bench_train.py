@@ -7,6 +7,8 @@ Cases, all on the same expanded batch and the same model (LoRA as in stage 1):
   (c) ref     : reference-style: a full float32 (B,1,L,L) mask with -inf built per batch
                 by Python loops over the rows (as the published code does)
   (d) causal  : a plain causal step over a sequence of the same expanded length
+  (e) khead   : a stage-2 step on the same input batch: full-length lanes, frozen no-grad
+                backbone forward, K* targets, K-head update (its own expansion, as stage 2 does)
 
 Each case runs in its own subprocess so that peak memory is its own (CUDA: max allocated;
 CPU: peak RSS growth over the loaded model). Prints a table, writes JSON.
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CASES = ["dense", "flex", "ref", "causal"]
+CASES = ["dense", "flex", "ref", "causal", "khead"]
 
 
 def build(args):
@@ -66,7 +68,7 @@ def build(args):
                       mask_token_id=mask_id, noise_token_ids=noise_token_ids(tok, len(tok)),
                       pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
                       pad_to_multiple=128 if args.device == "cuda" else 1)
-    return model, lb.to(args.device), batch
+    return model, lb.to(args.device), batch, mask_id
 
 
 def reference_mask(lb) -> torch.Tensor:
@@ -90,6 +92,39 @@ def reference_mask(lb) -> torch.Tensor:
                     mask[r, 0, q, k] = 0.0
                     k -= 1
     return mask.to(lb.input_ids.device)
+
+
+def khead_setup(model, batch, mask_id, horizon=16):
+    """Stage 2 on the same input batch: its own (full-lane) expansion and a fresh head."""
+    from fluid.khead import KHead
+    from fluid.lanes import FullLanes, expand_lanes
+
+    lb = expand_lanes(batch["input_ids"], batch["labels"], batch["attention_mask"], FullLanes(0.5, horizon),
+                      mask_token_id=mask_id, noise_token_ids=torch.tensor([0]), pad_token_id=0,
+                      generator=torch.Generator().manual_seed(0))
+    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    base.requires_grad_(False)
+    head = KHead(base.config.hidden_size, horizon).to(next(base.parameters()).device)
+    return base, head, lb
+
+
+def khead_step(base, head, opt, lb, tau=2.8):
+    from fluid.decoding.engine import decoder_and_lm_head
+    from fluid.khead import k_star, kl_to_soft_labels, lane_slot_losses, soft_labels
+    from fluid.lanes.attention import dense_float_mask
+
+    decoder, lm_head = decoder_and_lm_head(base)
+    with torch.no_grad():
+        hidden = decoder(input_ids=lb.input_ids, attention_mask=dense_float_mask(lb, next(base.parameters()).dtype),
+                         position_ids=lb.position_ids, use_cache=False).last_hidden_state
+        ce = torch.nn.functional.cross_entropy(lm_head(hidden).float().transpose(1, 2), lb.targets.clamp(min=0),
+                                               reduction="none")
+        losses, valid, (rows, idx) = lane_slot_losses(ce, lb, head.horizon)
+        kstar = k_star(losses, valid, tau)
+    loss = kl_to_soft_labels(head(hidden[rows, idx]), soft_labels(kstar, head.horizon))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def step(model, opt, case, lb):
@@ -118,15 +153,22 @@ def step(model, opt, case, lb):
 def run_case(case, args, queue):
     try:
         torch.set_num_threads(args.threads)
-        model, lb, _ = build(args)
+        model, lb, batch, mask_id = build(args)
+        if case == "khead":
+            model, head, lb = khead_setup(model, batch, mask_id)
+            lb = lb.to(args.device)
+            opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+            run = lambda: khead_step(model, head, opt, lb)  # noqa: E731
         if case == "flex":
             if args.device != "cuda":
                 queue.put({"case": case, "skipped": "flex attention training needs CUDA"})
                 return
             model.config._attn_implementation = "flex_attention"
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        if case != "khead":
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            run = lambda: step(model, opt, case, lb)  # noqa: E731
         for _ in range(args.warmup):
-            step(model, opt, case, lb)
+            run()
         cuda = args.device == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -136,7 +178,7 @@ def run_case(case, args, queue):
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
-            step(model, opt, case, lb)
+            run()
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -180,6 +222,8 @@ def main(argv=None):
         summary["lane_overhead_dense_vs_causal"] = ok["causal"]["tokens_per_s"] / ok["dense"]["tokens_per_s"]
     if "dense" in ok and "ref" in ok:
         summary["dense_speedup_vs_ref"] = ok["dense"]["tokens_per_s"] / ok["ref"]["tokens_per_s"]
+    if "khead" in ok and "dense" in ok:
+        summary["stage2_vs_stage1_step_time"] = ok["khead"]["step_s"] / ok["dense"]["step_s"]
     if "flex" in ok and "ref" in ok:
         summary["flex_speedup_vs_ref"] = ok["flex"]["tokens_per_s"] / ok["ref"]["tokens_per_s"]
         summary["flex_mem_ratio_vs_ref"] = ok["flex"]["peak_mem_mb"] / max(1e-9, ok["ref"]["peak_mem_mb"])

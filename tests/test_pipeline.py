@@ -150,3 +150,21 @@ def test_generate_cli_writes_jsonl_and_is_lossless(stage2, tmp_path, capsys):
     assert all(sum(r["accepted"]) == r["tokens"] for r in rows)
     printed = capsys.readouterr().out
     assert "TPF" in printed and "tokens/s" in printed
+
+
+def test_bench_decode_script_runs_and_reports_every_row(stage2, tmp_path):
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, "scripts/bench_decode.py", "--out", str(out), "--checkpoint", str(stage2 / "checkpoint"),
+           "--n", "3", "--max-new-tokens", "8", "--fixed-k", "2,3", "--calibration", "2", "--k-min", "2",
+           "--k-max", "4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name in ("ar", "fluid", "fluid_fixed_k", "fluid_noverify", "published_loop"):
+        for key in ("batch1", "batch16"):
+            row = report[name][key]
+            for field in ("tpf", "tokens_per_s", "speedup_vs_ar", "identical_to_ar", "accuracy"):
+                assert field in row, (name, key, field)
+    for name in ("fluid", "fluid_fixed_k", "published_loop"):
+        assert report[name]["batch1"]["identical_to_ar"] == 1.0
+    assert "TPF" in r.stdout

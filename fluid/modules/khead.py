@@ -15,6 +15,7 @@ import torch
 
 from fluid.backbones.spec import BackboneSpec
 from fluid.data.sft import IGNORE
+from fluid.decoding.engine import decoder_and_lm_head
 from fluid.khead import KHead, k_star, kl_to_soft_labels, lane_slot_losses, soft_labels
 from fluid.lanes import AttentionBackend, FullLanes, LaneBatch, expand_lanes
 from fluid.lanes.attention import attention_mask_for
@@ -22,10 +23,6 @@ from fluid.modules.base import FluidModule
 from fluid.modules.hybrid import read_fluid_json
 
 HEAD_FILE = "khead.safetensors"
-
-
-def decoder_and_lm_head(model):
-    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
 
 
 class KHeadModule(FluidModule):

@@ -1,0 +1,27 @@
+"""The benchmark and conversion scripts run and write what they promise (no timings asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import ROOT
+
+
+def test_bench_train_runs_on_cpu(tmp_path, cache_dir):
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, "scripts/bench_train.py", "--out", str(out), "--batch-size", "2", "--steps", "1",
+           "--warmup", "0", "--hidden", "64", "--layers", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "FLUID_CACHE": str(cache_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for case in ("dense", "ref", "causal"):
+        assert report["cases"][case]["tokens_per_s"] > 0, report["cases"][case]
+        assert report["cases"][case]["expanded_len"] == report["cases"]["dense"]["expanded_len"]
+    if not torch.cuda.is_available():
+        assert "skipped" in report["cases"]["flex"]  # flex training is CUDA only
+    assert "lane_overhead_dense_vs_causal" in report["summary"]
+    assert "tokens/s" in r.stdout
