@@ -116,7 +116,7 @@ def split_of(question: str) -> str:
 class ArithTask:
     """Deterministic generator of word problems; ``problems(split, n)`` is reproducible."""
 
-    def __init__(self, seed: int = 0, max_operand: int = 30, families: list[str] | None = None):
+    def __init__(self, seed: int = 0, max_operand: int = 20, families: list[str] | None = None):
         families = list(families or FAMILIES)
         unknown = sorted(set(families) - set(FAMILIES))
         if unknown:

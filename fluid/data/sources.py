@@ -17,7 +17,7 @@ SPLITS = ("train", "validation", "test")
 class ArithSource:
     """The embedded task (``data=arith``)."""
 
-    def __init__(self, seed: int = 0, max_operand: int = 30, families: list[str] | None = None,
+    def __init__(self, seed: int = 0, max_operand: int = 20, families: list[str] | None = None,
                  n_train: int = 20000, n_val: int = 256, n_test: int = 500):
         self.task = ArithTask(seed=seed, max_operand=max_operand, families=families)
         self.sizes = {"train": n_train, "validation": n_val, "test": n_test}

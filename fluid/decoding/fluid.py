@@ -14,9 +14,9 @@ State per row: the KV cache of committed tokens, the logits of the last committe
    forward); the AR argmax at the first mismatch is the next block's slot 0, so no extra
    forward is spent on it either. With ``verify`` on the output is exactly greedy AR.
 
-The verify forward also carries a lane of MASK tokens after the block: when a row accepts
-its whole block, these give the next block's first draft for free (verify t + draft t+1
-share one forward). Rows accept different lengths (ragged); rejected slots stay in the
+The verify forward also carries a lane of MASK tokens after the block: for every row that
+accepts its whole block, these give the next block's first draft for free (verify t and
+draft t+1 share one forward). Rows accept different lengths (ragged); rejected slots stay in the
 cache as masked holes (compacted when they dominate) and finished rows leave the batch.
 """
 
@@ -170,8 +170,13 @@ class FluidDecoder:
         block[:, 0] = batch.pending.argmax(-1)
         need = torch.arange(w, device=batch.device)[None, :] < k[:, None]
         need[:, 0] = False
-        if drafts is not None:  # the shared verify forward already drafted this block
-            fill_drafts(block, need, drafts[:, :w], cfg.confidence)
+        if drafts is not None:  # the shared verify forward already drafted this block (rows without: NaN)
+            has = ~torch.isnan(drafts[:, 0, 0])
+            if bool(has.any()):
+                sub = need[has]
+                sub_block = block[has]
+                fill_drafts(sub_block, sub, drafts[has, :w], cfg.confidence)
+                block[has], need[has] = sub_block, sub
         pos = batch.next_pos[:, None] + torch.arange(w, device=batch.device)[None, :]
         while bool(need.any()):
             active = need.any(-1)
@@ -214,11 +219,13 @@ class FluidDecoder:
         batch.h_anchor = hidden[rows, m - 1]
         batch.next_pos = batch.next_pos + m
         next_drafts = None
-        if cfg.share_verify_draft and bool((m == k).all()):
-            # the MASK lane after the anchor (index m-1): logits at index m-1+s predict slot s of the
-            # next block, which fill_drafts reads at column s-1
+        if cfg.share_verify_draft:
+            # A row that accepted its whole block has the MASK lane after its anchor in this forward:
+            # logits at index m-1+s predict slot s of its next block (read at column s-1). Rows with a
+            # mismatch get no shared draft (NaN): the tail after a rejected slot drafts badly (measured).
             idx = m[:, None] + torch.arange(cfg.k_max, device=batch.device)[None, :]
             next_drafts = logits[rows[:, None], idx]
+            next_drafts[m < k] = float("nan")
         accepted = []
         for i, r in enumerate(batch.rows.tolist()):
             stats[r].horizons.append(int(k[i]))
