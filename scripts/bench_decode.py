@@ -21,6 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from omegaconf import OmegaConf  # noqa: E402
+
+from fluid.config import CONF_DIR  # noqa: E402
 from fluid.data.arith import ArithTask  # noqa: E402
 from fluid.decoding.fluid import DecodeConfig, FluidDecoder  # noqa: E402
 from fluid.eval.answers import exact_match  # noqa: E402
@@ -57,7 +60,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     model, head, tok, mask = load_for_decoding(args.checkpoint, torch.float32, args.device)
-    probs = ArithTask(seed=0).problems("test", args.n)
+    src = OmegaConf.load(CONF_DIR / "data" / "arith.yaml").source  # the task the model was trained on
+    probs = ArithTask(seed=src.seed, max_operand=src.max_operand, families=src.families).problems("test", args.n)
     ids = [encode(tok, pr.question, chat=True) for pr in probs]
     answers = [str(pr.answer) for pr in probs]
     base = DecodeConfig(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max,

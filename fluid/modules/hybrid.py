@@ -66,7 +66,7 @@ class HybridDiffusionModule(FluidModule):
         self.noise_ids = noise_token_ids(self.tokenizer, model.get_input_embeddings().weight.shape[0])
         if self.backend.resolve(self.device) is AttentionBackend.FLEX:
             model.config._attn_implementation = "flex_attention"
-        self.model = apply_lora(model, self.lora, [self.mask_token_id])
+        self.model = apply_lora(model, self.lora, [self.mask_token_id]).train()
 
     # ------------------------------------------------------------------ steps
     def expand(self, batch: dict, generator: torch.Generator) -> LaneBatch:
