@@ -79,7 +79,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         spec = BackboneSpec.from_config(cfg.backbone)
         if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
-            spec = dataclasses.replace(spec, path=cfg.stage.init_checkpoint, scratch=None, prepare=None)
+            init = cfg.stage.init_checkpoint
+            if not os.path.exists(init):
+                raise FluidConfigError("stage.init_checkpoint", f"{init!r} does not exist",
+                                       f"run stage {cfg.stage.id - 1} first or set stage.init_checkpoint=DIR")
+            spec = dataclasses.replace(spec, path=init, scratch=None, prepare=None)
         from_scratch = cfg.stage.id == 0 and spec.is_embedded
         tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, _recursive_=True)

@@ -33,3 +33,11 @@ def test_missing_checkpoint_fails_with_one_line(tmp_path):
 
 def test_package_root_is_the_repo():
     assert (ROOT / "conf" / "train.yaml").exists()
+
+
+def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):
+    r = _run_cli("stage=2", "logger=csv", f"paths.artifacts_dir={tmp_path}/none", f"hydra.run.dir={tmp_path}/run",
+                 cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage.init_checkpoint:") and "run stage 1 first" in last
