@@ -1,5 +1,7 @@
 """Every option of every config group composes; cheap ones also instantiate."""
 
+from pathlib import Path
+
 import pytest
 from hydra.utils import instantiate
 
@@ -44,7 +46,7 @@ def test_option_composes(group, option, tmp_path):
 
 
 def test_pangu_mask_token_is_reserved_token():
-    cfg = compose_cfg(["backbone=pangu7b"], __import__("pathlib").Path("/tmp"))
+    cfg = compose_cfg(["backbone=pangu7b"], Path("/tmp"))
     assert cfg.backbone.mask_token == "[unused32]"
 
 
@@ -52,5 +54,5 @@ def test_unknown_group_option_is_one_line():
     msg = check_group_overrides(["backbone=nope"])
     assert msg.startswith("backbone=nope") and "tiny" in msg and "\n" not in msg
     assert check_group_overrides(["tau.value=1.5,2.8", "trainer.max_steps=3", "backbone=tiny"]) is None
-    assert "stage=7" in check_group_overrides(["-m", "stage=0,7"]) or check_group_overrides(["stage=0,7"])
+    assert check_group_overrides(["-m", "stage=0,7"]).startswith("stage=7")  # multirun values are checked too
     assert CONF_DIR.is_dir()
