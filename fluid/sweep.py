@@ -45,7 +45,8 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
         cfg_file = metrics.parent / "config.yaml"
         tau = OmegaConf.load(cfg_file).get("tau", {}).get("value") if cfg_file.exists() else None
-        rows.append({"run": metrics.parent.name, "overrides": " ".join(overrides), "tau/value": tau, **m})
+        shown = " ".join(o.replace("'", "") for o in overrides)  # stage='2' -> stage=2 (see quote_numeric_...)
+        rows.append({"run": metrics.parent.name, "overrides": shown, "tau/value": tau, **m})
     return rows
 
 
