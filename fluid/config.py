@@ -24,6 +24,12 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("fluid.sweep_group", sweep_group)
 
 
+def default_path(key: str) -> str:
+    """A ``paths.<key>`` of ``conf/paths/default.yaml`` resolved outside Hydra (for scripts)."""
+    cfg = OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml")})
+    return str(OmegaConf.select(cfg, f"paths.{key}", throw_on_missing=True))
+
+
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     d = conf_dir / group
     return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from fluid.config import CONF_DIR  # noqa: E402
+from fluid.config import CONF_DIR, default_path  # noqa: E402
 from fluid.data.arith import ArithTask  # noqa: E402
 from fluid.decoding.fluid import DecodeConfig, FluidDecoder  # noqa: E402
 from fluid.eval.answers import exact_match  # noqa: E402
@@ -46,7 +46,7 @@ def measure(dec: FluidDecoder, ids, answers, ar_tokens=None, **kw) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--checkpoint", default="outputs/artifacts/tiny-stage2")
+    p.add_argument("--checkpoint", default=f"{default_path('artifacts_dir')}/tiny-stage2")
     p.add_argument("--n", type=int, default=64, help="test prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--fixed-k", default="2,4,6,8,12,16")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import resource
 import sys
 import time
@@ -45,7 +44,9 @@ def build(args):
     from fluid.modules.lora import LoraSettings, apply_lora
 
     torch.manual_seed(0)
-    cache = os.environ.get("FLUID_CACHE", "outputs/cache")
+    from fluid.config import default_path
+
+    cache = default_path("cache_dir")
     tok = build_arith_tokenizer(cache)
     scratch = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                    num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 48),
