@@ -8,7 +8,10 @@ Cases, all on the same expanded batch and the same model (LoRA as in stage 1):
                 by Python loops over the rows (as the published code does)
   (d) causal  : a plain causal step over a sequence of the same expanded length
   (e) khead   : a stage-2 step on the same input batch: full-length lanes, frozen no-grad
-                backbone forward, K* targets, K-head update (its own expansion, as stage 2 does)
+                backbone forward, K* targets, K-head update (its own expansion, as stage 2 does),
+                with the module's default frozen forward for the device (``prefix`` on CPU:
+                a causal forward, then each lane over its row's KV cache; ``expanded`` on CUDA)
+  (f) khead_expanded : the same step with the frozen forward over the expanded batch
 
 Each case runs in its own subprocess so that peak memory is its own (CUDA: max allocated;
 CPU: peak RSS growth over the loaded model). Prints a table, writes JSON.
@@ -31,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CASES = ["dense", "flex", "ref", "causal", "khead"]
+CASES = ["dense", "flex", "ref", "causal", "khead", "khead_expanded"]
 
 
 def build(args):
@@ -109,20 +112,18 @@ def khead_setup(model, batch, mask_id, horizon=16):
     return base, head, lb
 
 
-def khead_step(base, head, opt, lb, tau=2.8):
-    from fluid.decoding.engine import decoder_and_lm_head
-    from fluid.khead import k_star, kl_to_soft_labels, lane_slot_losses, soft_labels
-    from fluid.lanes.attention import dense_float_mask
+def khead_step(base, head, opt, lb, batch, mask_id, lane_forward, tau=2.8):
+    """One KHeadModule step after expansion: the frozen forward (no grad), K*, a head update."""
+    from fluid.khead import k_star, kl_to_soft_labels, soft_labels
+    from fluid.khead.frozen import expanded_lane_losses, prefix_lane_losses
 
-    decoder, lm_head = decoder_and_lm_head(base)
-    with torch.no_grad():
-        hidden = decoder(input_ids=lb.input_ids, attention_mask=dense_float_mask(lb, next(base.parameters()).dtype),
-                         position_ids=lb.position_ids, use_cache=False).last_hidden_state
-        ce = torch.nn.functional.cross_entropy(lm_head(hidden).float().transpose(1, 2), lb.targets.clamp(min=0),
-                                               reduction="none")
-        losses, valid, (rows, idx) = lane_slot_losses(ce, lb, head.horizon)
-        kstar = k_star(losses, valid, tau)
-    loss = kl_to_soft_labels(head(hidden[rows, idx]), soft_labels(kstar, head.horizon))
+    if lane_forward == "prefix":
+        hidden, losses, valid = prefix_lane_losses(base, batch["input_ids"], batch["attention_mask"], lb,
+                                                   head.horizon, mask_id)
+    else:
+        hidden, losses, valid = expanded_lane_losses(base, lb, head.horizon)
+    kstar = k_star(losses, valid, tau)
+    loss = kl_to_soft_labels(head(hidden), soft_labels(kstar, head.horizon))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -155,17 +156,21 @@ def run_case(case, args, queue):
     try:
         torch.set_num_threads(args.threads)
         model, lb, batch, mask_id = build(args)
-        if case == "khead":
+        if case.startswith("khead"):
+            from fluid.khead.frozen import resolve_lane_forward
+
             model, head, lb = khead_setup(model, batch, mask_id)
             lb = lb.to(args.device)
+            batch = {k: v.to(args.device) for k, v in batch.items()}
             opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-            run = lambda: khead_step(model, head, opt, lb)  # noqa: E731
+            how = "expanded" if case == "khead_expanded" else resolve_lane_forward("auto", args.device)
+            run = lambda: khead_step(model, head, opt, lb, batch, mask_id, how)  # noqa: E731
         if case == "flex":
             if args.device != "cuda":
                 queue.put({"case": case, "skipped": "flex attention training needs CUDA"})
                 return
             model.config._attn_implementation = "flex_attention"
-        if case != "khead":
+        if not case.startswith("khead"):
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             run = lambda: step(model, opt, case, lb)  # noqa: E731
         for _ in range(args.warmup):
@@ -225,6 +230,8 @@ def main(argv=None):
         summary["dense_speedup_vs_ref"] = ok["dense"]["tokens_per_s"] / ok["ref"]["tokens_per_s"]
     if "khead" in ok and "dense" in ok:
         summary["stage2_vs_stage1_step_time"] = ok["khead"]["step_s"] / ok["dense"]["step_s"]
+    if "khead_expanded" in ok and "dense" in ok:
+        summary["stage2_expanded_vs_stage1_step_time"] = ok["khead_expanded"]["step_s"] / ok["dense"]["step_s"]
     if "flex" in ok and "ref" in ok:
         summary["flex_speedup_vs_ref"] = ok["flex"]["tokens_per_s"] / ok["ref"]["tokens_per_s"]
         summary["flex_mem_ratio_vs_ref"] = ok["flex"]["peak_mem_mb"] / max(1e-9, ok["ref"]["peak_mem_mb"])

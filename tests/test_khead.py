@@ -7,7 +7,7 @@ import torch
 
 from fluid.khead import KHead, k_star, kl_to_soft_labels, lane_slot_losses, soft_labels
 from fluid.lanes import FullLanes, expand_lanes
-from tests.test_lanes import MASK, NOISE, PAD_ID, make_batch
+from tests.test_lanes import MASK, NOISE, PAD_ID, VOCAB, make_batch
 
 
 def brute_k_star(losses, valid, tau):
@@ -83,3 +83,25 @@ def test_head_shape_predict_and_roundtrip(tmp_path):
     path = head.save(tmp_path)
     again = KHead.load(path)
     torch.testing.assert_close(again(h), head(h))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_prefix_frozen_forward_equals_the_expanded_one(arch):
+    """Stage 2's CPU path (causal forward + each lane over its row's cache) gives the anchor
+    states, per-slot losses and K* of the forward over the expanded batch, lanes cut by the end
+    of the sequence included, whatever the lane chunk."""
+    from fluid.khead.frozen import expanded_lane_losses, prefix_lane_losses
+    from tests.conftest import tiny_model
+
+    model = tiny_model(arch, vocab_size=VOCAB, seed=3)
+    ids, labels, am = make_batch(lengths=(30, 22, 12), prompt=(4, 3, 5), seed=8)
+    lb = expand_lanes(ids, labels, am, FullLanes(anchor_prob=0.6, horizon=6), mask_token_id=MASK,
+                      noise_token_ids=NOISE, pad_token_id=PAD_ID, generator=torch.Generator().manual_seed(1))
+    h_e, l_e, v_e = expanded_lane_losses(model, lb, 6)
+    assert bool((~v_e[:, -1]).any())  # some lane is cut by the end
+    for chunk in (1, 5, 1000):
+        h_p, l_p, v_p = prefix_lane_losses(model, ids, am, lb, 6, MASK, lane_chunk=chunk)
+        assert torch.equal(v_p, v_e)
+        torch.testing.assert_close(h_p, h_e, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l_p, l_e, atol=1e-5, rtol=1e-5)
+        assert torch.equal(k_star(l_p, v_p, 3.0), k_star(l_e, v_e, 3.0))

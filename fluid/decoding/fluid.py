@@ -129,17 +129,15 @@ class FluidDecoder:
     def _decode(self, prompts, cfg: DecodeConfig, reference) -> list[RowStats]:
         batch = DecodeBatch(self.model, prompts, self.pad_id)
         stats = [RowStats() for _ in prompts]
-        drafts: torch.Tensor | None = None  # next-block drafts from a shared verify forward
+        if cfg.algorithm == "fluid":
+            self._decode_fluid(batch, stats, cfg, reference)
+            return stats
         while batch.size:
             if cfg.algorithm == "ar":
                 accepted = self._ar_step(batch, stats)
-            elif cfg.algorithm == "published":
-                accepted = self._published_step(batch, stats, cfg)
             else:
-                accepted, drafts = self._fluid_step(batch, stats, cfg, drafts, reference)
+                accepted = self._published_step(batch, stats, cfg)
             alive = self._commit(batch, stats, accepted, cfg)
-            if drafts is not None:
-                drafts = drafts[alive]
             batch.keep(alive)
             batch.compact()
         return stats
@@ -190,61 +188,162 @@ class FluidDecoder:
             need = torch.where(active[:, None], sub_need, need)
         return block
 
-    def _fluid_step(self, batch: DecodeBatch, stats, cfg: DecodeConfig, drafts, reference):
-        k = self._horizon(batch, cfg)
-        block = self._draft(batch, stats, cfg, k, drafts)
-        if cfg.horizon == "oracle":
-            k = self._oracle_k(batch, stats, block, reference, cfg)
-        w = block.shape[1]
-        extra = cfg.k_max if cfg.share_verify_draft else 0
-        lane = torch.full((batch.size, extra), self.mask_id, dtype=torch.long, device=batch.device)
-        inputs = torch.cat([block, lane], dim=1)
-        pos = batch.next_pos[:, None] + torch.arange(w + extra, device=batch.device)[None, :]
-        logits, hidden = batch.forward(inputs, pos)
-        batch.crop(extra)
-        for r in batch.rows.tolist():
-            stats[r].nfe += 1
-        slot = torch.arange(w, device=batch.device)[None, :]
-        if cfg.verify:
-            ar = logits[:, : w - 1].argmax(-1)                      # AR argmax for slots 1..W-1
-            ok = torch.cat([torch.ones_like(block[:, :1], dtype=torch.bool), block[:, 1:] == ar], dim=1)
-            ok &= slot < k[:, None]
-            m = torch.cumprod(ok.long(), -1).sum(-1)               # accepted prefix length, >= 1
-        else:
-            m = k.clone()
-        rows = torch.arange(batch.size, device=batch.device)
-        t = batch.key_valid.shape[1]
-        batch.key_valid[:, t - w:] &= slot < m[:, None]             # rejected slots become holes
-        batch.pending = logits[rows, m - 1]
-        batch.h_anchor = hidden[rows, m - 1]
-        batch.next_pos = batch.next_pos + m
-        next_drafts = None
-        if cfg.share_verify_draft:
-            # A row that accepted its whole block has the MASK lane after its anchor in this forward:
-            # logits at index m-1+s predict slot s of its next block (read at column s-1). Rows with a
-            # mismatch get no shared draft (NaN): the tail after a rejected slot drafts badly (measured).
-            idx = m[:, None] + torch.arange(cfg.k_max, device=batch.device)[None, :]
-            next_drafts = logits[rows[:, None], idx]
-            next_drafts[m < k] = float("nan")
-        accepted = []
-        for i, r in enumerate(batch.rows.tolist()):
-            stats[r].horizons.append(int(k[i]))
-            accepted.append(block[i, : int(m[i])].tolist())
-        return accepted, next_drafts
+    # ------------------------------------------------------- FLUID (early verification)
+    def _decode_fluid(self, batch: DecodeBatch, stats, cfg: DecodeConfig, reference) -> None:
+        """Every forward verifies and drafts at once; rows advance independently (ragged).
 
-    def _oracle_k(self, batch, stats, block, reference, cfg) -> torch.Tensor:
-        """Analysis only: the horizon that a perfect K-head would pick for this draft."""
-        k = []
-        for i, r in enumerate(batch.rows.tolist()):
+        A row's *window* holds its current block from the first token whose KV is not yet
+        cached: slot 0 is that token (always exact: the AR argmax after the cached prefix),
+        later slots are drafts or MASK. One forward over the window gives, for each slot, the
+        prediction of the next one. The leading run of slots that were non-MASK inputs and equal
+        the AR argmax before them is exact (nothing in its context is a guess): it is committed,
+        its KV entries kept. Then
+
+        * the run reached a MASK slot: that slot is the block's first empty slot, its argmax is
+          exact; later empty slots whose top probability exceeds ``confidence`` are drafted and
+          the block goes on (a draft forward, DESIGN 3.2);
+        * the run stopped at a filled slot that is not the AR argmax: the block ends there with
+          the AR argmax as the next block's slot 0 (verification's mismatch, DESIGN 3.3);
+        * the run covers the block: it is accepted whole.
+
+        Filled slots never change and a slot's logits depend only on the slots before it, so
+        this accepts exactly the prefix that DESIGN's separate verify forward would accept, for
+        the same drafts and horizons: it is that algorithm, minus the draft forwards spent on a
+        block after its fate is already known. A row whose block is fully drafted also carries
+        a lane of MASK tokens after it; if the block is accepted whole, the lane drafts the next
+        block in the same forward (verify t and draft t+1 share one forward).
+        """
+        dev, kmax, mask_id = batch.device, cfg.k_max, self.mask_id
+        n = batch.size
+        win = torch.full((n, kmax), mask_id, dtype=torch.long, device=dev)
+        filled = torch.zeros((n, kmax), dtype=torch.bool, device=dev)
+        blen = torch.zeros(n, dtype=torch.long, device=dev)       # slots of the current block in the window
+        block_k = torch.zeros(n, dtype=torch.long, device=dev)    # horizon of the current block
+        block_acc = torch.zeros(n, dtype=torch.long, device=dev)  # its tokens committed so far
+        exact = batch.pending.argmax(-1)                          # slot 0 of a new block
+        start = torch.ones(n, dtype=torch.bool, device=dev)
+        lane_p = lane_tok = None                                  # next-block drafts from a shared lane
+        slot = torch.arange(kmax, device=dev)[None, :]
+        while batch.size:
+            n = batch.size
+            if bool(start.any()):  # new blocks: horizon from the head on the anchor's hidden state
+                room = torch.tensor([cfg.max_new_tokens - len(stats[r].tokens) for r in batch.rows.tolist()],
+                                    device=dev)
+                k = torch.minimum(self._horizon(batch, cfg), room).clamp(min=1)
+                if cfg.horizon == "oracle":
+                    k = torch.minimum(torch.full_like(k, kmax), room)
+                fresh = torch.where(slot == 0, exact[:, None], torch.full_like(win, mask_id))
+                fresh_filled = (slot == 0).expand(n, kmax).clone()
+                if lane_p is not None:  # drafts of the next block made by the previous forward's lane
+                    take = (lane_p > cfg.confidence) & (slot > 0) & (slot < k[:, None]) & ~torch.isnan(lane_p)
+                    fresh = torch.where(take, lane_tok, fresh)
+                    fresh_filled |= take
+                s = start[:, None]
+                win, filled = torch.where(s, fresh, win), torch.where(s, fresh_filled, filled)
+                blen, block_k = torch.where(start, k, blen), torch.where(start, k, block_k)
+                block_acc = torch.where(start, 0, block_acc)
+            in_block = slot < blen[:, None]
+            full = (filled | ~in_block).all(-1)                   # nothing left to draft
+            if cfg.horizon == "oracle":
+                blen = self._oracle_trim(batch, stats, win, blen, full, reference, cfg)
+                in_block = slot < blen[:, None]
+            lane = torch.where(full, kmax if cfg.share_verify_draft else 0, 0)
+            qlen = blen + lane
+            q = int(qlen.max())
+            qslot = torch.arange(q, device=dev)[None, :]
+            ids = torch.full((n, max(q, kmax)), mask_id, dtype=torch.long, device=dev)
+            ids[:, :kmax] = torch.where(in_block, win, mask_id)
+            ids = ids[:, :q]
+            logits, hidden = batch.forward(ids, batch.next_pos[:, None] + qslot, new_valid=qslot < qlen[:, None])
+            for i, r in enumerate(batch.rows.tolist()):
+                stats[r].nfe += 1
+                stats[r].draft_forwards += int(not full[i])
+            rows = torch.arange(n, device=dev)
+            # verification: the leading run of filled inputs that equal the AR argmax before them
+            ar = logits.argmax(-1)                                # ar[:, j] is the AR token for slot j + 1
+            w = min(q, kmax)
+            ok = filled[:, :w] & (slot[:, :w] < blen[:, None])
+            if cfg.verify:
+                ok[:, 1:] &= win[:, 1:w] == ar[:, : w - 1]
+            ok[:, 0] = True
+            c = torch.cumprod(ok.long(), -1).sum(-1)              # committed this forward, >= 1
+            complete = c >= blen
+            nxt = ar[rows, c - 1]                                 # exact token after the committed run
+            # the committed run's KV entries are exact: keep them, the rest are holes (trailing ones cropped)
+            t = batch.key_valid.shape[1]
+            batch.key_valid[:, t - q:] = qslot < c[:, None]
+            batch.crop(q - int(c.max()))
+            batch.pending, batch.h_anchor = logits[rows, c - 1], hidden[rows, c - 1]
+            batch.next_pos = batch.next_pos + c
+            committed = [win[i, : int(c[i])].tolist() for i in range(n)]
+            c_at = torch.minimum(c, blen - 1).clamp(min=0)
+            mismatch = ~complete & filled[rows, c_at]             # stopped at a wrong draft: block ends
+            cont = ~complete & ~mismatch                          # stopped at the first empty slot
+            # drafts for the rest of a continuing block: empty slots after c above the confidence
+            probs = torch.softmax(logits[:, : w - 1].float(), -1)
+            top_p, top = probs.max(-1)                            # predictions for slots 1..w-1
+            later = (slot[:, 1:w] > c[:, None]) & (slot[:, 1:w] < blen[:, None]) & ~filled[:, 1:w]
+            take = later & (top_p > cfg.confidence) & cont[:, None]
+            win[:, 1:w] = torch.where(take, top, win[:, 1:w])
+            filled[:, 1:w] |= take
+            # shift the window left by c: slot c (the exact token) becomes slot 0
+            idx = slot + c[:, None]
+            inside = idx < kmax
+            win = torch.where(inside, win.gather(1, idx.clamp(max=kmax - 1)), mask_id)
+            filled = inside & filled.gather(1, idx.clamp(max=kmax - 1))
+            win[:, 0], filled[:, 0] = nxt, True
+            blen = blen - c
+            block_acc = block_acc + c
+            ended = complete | mismatch
+            # next-block drafts from the lane (rows that carried one and accepted their whole block)
+            lane_p = lane_tok = None
+            if cfg.share_verify_draft and bool((complete & full).any()):
+                li = (c[:, None] - 1 + slot).clamp(max=q - 1)    # slot s of the next block <- logits at c-1+s
+                lp = torch.softmax(logits[rows[:, None], li].float(), -1).max(-1)
+                lane_p = torch.where((complete & full)[:, None], lp.values, float("nan"))
+                lane_tok = lp.indices
+            alive = self._commit_fluid(batch, stats, committed, ended, block_acc, block_k, cfg)
+            exact, start = nxt, ended
+            keep = [win, filled, blen, block_k, block_acc, exact, start]
+            if lane_p is not None:
+                keep += [lane_p, lane_tok]
+            keep = [x[alive] for x in keep]
+            win, filled, blen, block_k, block_acc, exact, start = keep[:7]
+            if lane_p is not None:
+                lane_p, lane_tok = keep[7:]
+            batch.keep(alive)
+            batch.compact()
+
+    def _oracle_trim(self, batch, stats, win, blen, now, reference, cfg) -> torch.Tensor:
+        """Analysis only: once a block is fully drafted, cut it to the prefix that matches the
+        reference (what a perfect K-head would have picked for this draft)."""
+        blen = blen.clone()
+        for i in torch.nonzero(now).flatten().tolist():
+            r = int(batch.rows[i])
             done = len(stats[r].tokens)
-            ref = reference[r][done: done + block.shape[1]]
+            ref = reference[r][done: done + int(blen[i])]
             match = 0
-            for a, b in zip(block[i].tolist(), ref):
+            for a, b in zip(win[i, : int(blen[i])].tolist(), ref):
                 if a != b:
                     break
                 match += 1
-            k.append(min(max(match, cfg.k_min), block.shape[1]))
-        return torch.tensor(k, device=batch.device)
+            blen[i] = min(max(match, cfg.k_min, 1), int(blen[i]))
+        return blen
+
+    def _commit_fluid(self, batch, stats, committed, ended, block_acc, block_k, cfg) -> torch.Tensor:
+        """Append each row's committed tokens; close finished blocks; rows still alive."""
+        alive = torch.ones(batch.size, dtype=torch.bool, device=batch.device)
+        for i, r in enumerate(batch.rows.tolist()):
+            toks, reason = self._cut(stats[r], committed[i], cfg)
+            stats[r].tokens.extend(toks)
+            dropped = len(committed[i]) - len(toks)
+            if reason or bool(ended[i]):
+                stats[r].accepted.append(int(block_acc[i]) - dropped)
+                stats[r].horizons.append(int(block_k[i]))
+            if reason:
+                stats[r].finished = reason
+                alive[i] = False
+        return alive
 
     def _published_step(self, batch: DecodeBatch, stats, cfg: DecodeConfig) -> list[list[int]]:
         """The reference loop (batch 1): draft until full, verify, and after a mismatch re-run
@@ -278,25 +377,29 @@ class FluidDecoder:
         batch.next_pos = batch.next_pos + m + 1
         return [committed[0].tolist()]
 
+    def _cut(self, row: RowStats, toks: list[int], cfg: DecodeConfig) -> tuple[list[int], str]:
+        """``toks`` cut at EOS / max_new_tokens, and why the row is finished ('' if it is not)."""
+        room = cfg.max_new_tokens - len(row.tokens)
+        reason = ""
+        if self.eos_id is not None and self.eos_id in toks[:room]:
+            toks = toks[: toks.index(self.eos_id) + 1]
+            reason = "eos"
+        if len(toks) >= room:
+            toks = toks[:room]
+            reason = reason or "max_new_tokens"
+        if not reason and self.stop_strings:
+            text = self.tokenizer.decode((row.tokens + toks)[-64:], skip_special_tokens=True)
+            if any(s in text for s in self.stop_strings):
+                reason = "stop"
+        return toks, reason
+
     def _commit(self, batch: DecodeBatch, stats, accepted: list[list[int]], cfg: DecodeConfig) -> torch.Tensor:
-        """Append accepted tokens; cut at EOS / max_new_tokens / stop strings; rows still alive."""
+        """Append accepted tokens (one step of the AR or published loop); rows still alive."""
         alive = torch.ones(batch.size, dtype=torch.bool, device=batch.device)
         for i, r in enumerate(batch.rows.tolist()):
-            toks = accepted[i]
-            room = cfg.max_new_tokens - len(stats[r].tokens)
-            reason = ""
-            if self.eos_id is not None and self.eos_id in toks[:room]:
-                toks = toks[: toks.index(self.eos_id) + 1]
-                reason = "eos"
-            if len(toks) >= room:
-                toks = toks[:room]
-                reason = reason or "max_new_tokens"
+            toks, reason = self._cut(stats[r], accepted[i], cfg)
             stats[r].tokens.extend(toks)
             stats[r].accepted.append(len(toks))
-            if not reason and self.stop_strings:
-                text = self.tokenizer.decode(stats[r].tokens[-64:], skip_special_tokens=True)
-                if any(s in text for s in self.stop_strings):
-                    reason = "stop"
             if reason:
                 stats[r].finished = reason
                 alive[i] = False

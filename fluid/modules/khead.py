@@ -14,11 +14,9 @@ from pathlib import Path
 import torch
 
 from fluid.backbones.spec import BackboneSpec
-from fluid.data.sft import IGNORE
-from fluid.decoding.engine import decoder_and_lm_head
-from fluid.khead import KHead, k_star, kl_to_soft_labels, lane_slot_losses, soft_labels
-from fluid.lanes import AttentionBackend, FullLanes, LaneBatch, expand_lanes
-from fluid.lanes.attention import attention_mask_for
+from fluid.khead import KHead, k_star, kl_to_soft_labels, soft_labels
+from fluid.khead.frozen import expanded_lane_losses, prefix_lane_losses, resolve_lane_forward
+from fluid.lanes import AttentionBackend, FullLanes, expand_lanes
 from fluid.modules.base import FluidModule
 from fluid.modules.hybrid import read_fluid_json
 
@@ -30,7 +28,7 @@ class KHeadModule(FluidModule):
 
     def __init__(self, backbone: BackboneSpec, tokenizer, tau: dict, anchor_prob: float = 0.5,
                  horizon: int | None = None, optim: dict | None = None, attention: str = "auto", seed: int = 0,
-                 eval_max_new_tokens: int = 128):
+                 eval_max_new_tokens: int = 128, lane_forward: str = "auto", lane_chunk: int = 64):
         super().__init__(backbone, tokenizer, optim, eval_max_new_tokens)
         self.tau, self.sigma = float(tau["value"]), float(tau.get("sigma", 1.5))
         meta = read_fluid_json(backbone.path) if backbone.path else {}
@@ -40,6 +38,10 @@ class KHeadModule(FluidModule):
             raise ValueError("stage 2 needs a stage-1 checkpoint with a mask token (fluid.json)")
         self.schedule = FullLanes(anchor_prob=anchor_prob, horizon=self.horizon)
         self.backend = AttentionBackend(attention)
+        resolve_lane_forward(lane_forward, "cpu")  # a bad name fails here, not at the first step
+        if lane_chunk < 1:
+            raise ValueError(f"stage.module.lane_chunk must be >= 1, got {lane_chunk}")
+        self.lane_forward, self.lane_chunk = lane_forward, lane_chunk
         self.seed = seed
         self.head: KHead | None = None
         self.save_hyperparameters({"tau": self.tau, "sigma": self.sigma, "horizon": self.horizon,
@@ -52,7 +54,8 @@ class KHeadModule(FluidModule):
         model = self.spec.build_model()
         model.requires_grad_(False)
         model.eval()
-        if self.backend.resolve(self.device) is AttentionBackend.FLEX:
+        if (resolve_lane_forward(self.lane_forward, self.device) == "expanded"
+                and self.backend.resolve(self.device) is AttentionBackend.FLEX):
             model.config._attn_implementation = "flex_attention"
         self.model = model
         self.head = KHead(model.config.hidden_size, self.horizon)
@@ -64,26 +67,18 @@ class KHeadModule(FluidModule):
         return self
 
     # ------------------------------------------------------------------ maths
-    @torch.no_grad()
-    def frozen_forward(self, lb: LaneBatch):
-        decoder, lm_head = decoder_and_lm_head(self.model)
-        mask = attention_mask_for(lb, self.backend, next(self.model.parameters()).dtype)
-        hidden = decoder(input_ids=lb.input_ids, attention_mask=mask, position_ids=lb.position_ids,
-                         use_cache=False).last_hidden_state
-        logits = lm_head(hidden).float()
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lb.targets.clamp(min=0), reduction="none")
-        ce = torch.where(lb.targets == IGNORE, torch.zeros_like(ce), ce)
-        return hidden, ce
-
     def targets_and_logits(self, batch: dict, generator: torch.Generator):
         cpu = {k: v.cpu() for k, v in batch.items()}
         lb = expand_lanes(cpu["input_ids"], cpu["labels"], cpu["attention_mask"], self.schedule,
                           mask_token_id=self.mask_token_id, noise_token_ids=torch.tensor([0]),
                           pad_token_id=self.tokenizer.pad_token_id, generator=generator).to(self.device)
-        hidden, ce = self.frozen_forward(lb)
-        losses, valid, (rows, idx) = lane_slot_losses(ce, lb, self.horizon)
+        if resolve_lane_forward(self.lane_forward, self.device) == "prefix":
+            hidden, losses, valid = prefix_lane_losses(self.model, batch["input_ids"], batch["attention_mask"], lb,
+                                                       self.horizon, self.mask_token_id, self.lane_chunk)
+        else:
+            hidden, losses, valid = expanded_lane_losses(self.model, lb, self.horizon, self.backend)
         kstar = k_star(losses, valid, self.tau)
-        head_logits = self.head(hidden[rows, idx].detach().to(self.head.net[0].weight.dtype))
+        head_logits = self.head(hidden.to(self.head.net[0].weight.dtype))
         return kstar, head_logits
 
     # ------------------------------------------------------------------ steps
