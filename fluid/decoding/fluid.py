@@ -255,9 +255,9 @@ class FluidDecoder:
             ids[:, :kmax] = torch.where(in_block, win, mask_id)
             ids = ids[:, :q]
             logits, hidden = batch.forward(ids, batch.next_pos[:, None] + qslot, new_valid=qslot < qlen[:, None])
-            for i, r in enumerate(batch.rows.tolist()):
+            for r, f in zip(batch.rows.tolist(), full.tolist()):
                 stats[r].nfe += 1
-                stats[r].draft_forwards += int(not full[i])
+                stats[r].draft_forwards += not f
             rows = torch.arange(n, device=dev)
             # verification: the leading run of filled inputs that equal the AR argmax before them
             ar = logits.argmax(-1)                                # ar[:, j] is the AR token for slot j + 1
@@ -275,7 +275,7 @@ class FluidDecoder:
             batch.crop(q - int(c.max()))
             batch.pending, batch.h_anchor = logits[rows, c - 1], hidden[rows, c - 1]
             batch.next_pos = batch.next_pos + c
-            committed = [win[i, : int(c[i])].tolist() for i in range(n)]
+            committed = [row[:m] for row, m in zip(win.tolist(), c.tolist())]
             c_at = torch.minimum(c, blen - 1).clamp(min=0)
             mismatch = ~complete & filled[rows, c_at]             # stopped at a wrong draft: block ends
             cont = ~complete & ~mismatch                          # stopped at the first empty slot
@@ -332,18 +332,18 @@ class FluidDecoder:
 
     def _commit_fluid(self, batch, stats, committed, ended, block_acc, block_k, cfg) -> torch.Tensor:
         """Append each row's committed tokens; close finished blocks; rows still alive."""
-        alive = torch.ones(batch.size, dtype=torch.bool, device=batch.device)
-        for i, r in enumerate(batch.rows.tolist()):
+        alive = [True] * batch.size
+        for i, (r, end, acc, k) in enumerate(zip(batch.rows.tolist(), ended.tolist(), block_acc.tolist(),
+                                                 block_k.tolist())):
             toks, reason = self._cut(stats[r], committed[i], cfg)
             stats[r].tokens.extend(toks)
-            dropped = len(committed[i]) - len(toks)
-            if reason or bool(ended[i]):
-                stats[r].accepted.append(int(block_acc[i]) - dropped)
-                stats[r].horizons.append(int(block_k[i]))
+            if reason or end:
+                stats[r].accepted.append(acc - (len(committed[i]) - len(toks)))
+                stats[r].horizons.append(k)
             if reason:
                 stats[r].finished = reason
                 alive[i] = False
-        return alive
+        return torch.tensor(alive, device=batch.device)
 
     def _published_step(self, batch: DecodeBatch, stats, cfg: DecodeConfig) -> list[list[int]]:
         """The reference loop (batch 1): draft until full, verify, and after a mismatch re-run

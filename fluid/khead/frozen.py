@@ -76,15 +76,30 @@ def lanes_of(lb: LaneBatch, horizon: int, pad_input: int):
     return a_rows, anchor_pos, inputs, targets, lengths
 
 
+def pack_lanes(rows: torch.Tensor, lengths: torch.Tensor, seq_tokens: int) -> list[list[int]]:
+    """Greedy packing of each row's lanes (in anchor order) into sequences of at most
+    ``seq_tokens`` slots (a longer lane gets a sequence of its own). Returns lane indices per sequence."""
+    seqs: list[list[int]] = []
+    cur_row, used = -1, seq_tokens + 1
+    for a, (r, n) in enumerate(zip(rows.tolist(), lengths.tolist())):
+        if r != cur_row or used + n > seq_tokens:
+            seqs.append([])
+            cur_row, used = r, 0
+        seqs[-1].append(a)
+        used += n
+    return seqs
+
+
 @torch.no_grad()
 def prefix_lane_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lb: LaneBatch, horizon: int,
-                       mask_token_id: int, lane_chunk: int = 64, group: int = 4):
+                       mask_token_id: int, lane_chunk: int = 64, seq_tokens: int = 64):
     """Per-slot losses of ``lb``'s lanes from a causal forward of the unexpanded right-padded
     batch, then short forwards over copies of the rows' caches (see the module docstring).
 
-    ``group`` lanes of one row (neighbouring anchors) share one copy of the row's cache as one
-    sequence (block-diagonal mask); groups are sorted by anchor and sent ``lane_chunk`` lanes
-    at a time, each chunk cut to the keys up to its last anchor and to its longest lane.
+    Lanes of one row are packed (anchor order, ``seq_tokens`` slots at most) into sequences
+    that share one copy of the row's cache (block-diagonal mask between lanes); sequences are
+    sorted by their last anchor and sent about ``lane_chunk`` lanes at a time, each chunk cut
+    to the keys up to its last anchor and to its longest sequence.
     """
     decoder, lm_head = decoder_and_lm_head(model)
     dtype = next(model.parameters()).dtype
@@ -103,47 +118,61 @@ def prefix_lane_losses(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     losses = torch.zeros((a, horizon), device=dev)
     if a == 0:
         return main_hidden[rows, anchor_pos], losses, targets != IGNORE
-    # groups: `group` consecutive lanes of a row (lanes come in (row, anchor) order)
-    lane_idx = torch.arange(a, device=dev)
-    row_start = torch.searchsorted(rows, rows)                 # index of the row's first lane
-    rank = lane_idx - row_start
-    new_group = (rank % group == 0)
-    gid = torch.cumsum(new_group.long(), 0) - 1
-    member = rank % group
-    n_groups = int(gid[-1]) + 1
-    lane_of = torch.full((n_groups, group), -1, dtype=torch.long, device=dev)
-    lane_of[gid, member] = lane_idx
-    g_row = rows[lane_of[:, 0]]
-    g_last = torch.zeros(n_groups, dtype=torch.long, device=dev).scatter_reduce(0, gid, anchor_pos, "amax")
-    order = torch.argsort(g_last)
-    per_chunk = max(1, lane_chunk // group)
-    for s in range(0, n_groups, per_chunk):
-        gs = order[s: s + per_chunk]
-        c = len(gs)
-        lanes = lane_of[gs]                                    # (c, G), -1 where a group is short
-        has = lanes >= 0
-        li = lanes.clamp(min=0)
-        kc = int(lengths[li][has].max())
-        nc = int(g_last[gs].max()) + 1
-        anc = anchor_pos[li]                                   # (c, G)
-        slot = torch.arange(kc, device=dev)
-        q_lane = torch.arange(group, device=dev).repeat_interleave(kc)   # (G*kc,) lane of each query
-        q_slot = slot.repeat(group)
-        ids = torch.where(has[:, :, None], inputs[li][:, :, :kc], mask_token_id).reshape(c, group * kc)
-        pos = torch.where(has[:, :, None], anc[:, :, None] + 1 + slot, 0).reshape(c, group * kc)
-        q_anchor = torch.where(has, anc, -1)[:, q_lane]         # (c, G*kc); -1: no such lane, sees no main key
-        main_allowed = (idx[None, None, :nc] <= q_anchor[:, :, None]) & key_ok[g_row[gs], None, :nc]
-        lane_allowed = (q_lane[:, None] == q_lane[None, :]) & (q_slot[None, :] <= q_slot[:, None])
-        allowed = torch.cat([main_allowed, lane_allowed[None].expand(c, -1, -1)], dim=-1)
+    seqs = pack_lanes(rows, lengths, max(seq_tokens, horizon))
+    # flat description of every slot: (sequence, column, lane, slot j)
+    seq_of = torch.tensor([i for i, q in enumerate(seqs) for _ in q], dtype=torch.long, device=dev)
+    lane_ids = torch.tensor([x for q in seqs for x in q], dtype=torch.long, device=dev)
+    seq_len = torch.zeros(len(seqs), dtype=torch.long, device=dev).index_add_(0, seq_of, lengths[lane_ids])
+    seq_last = torch.zeros(len(seqs), dtype=torch.long, device=dev).scatter_reduce(0, seq_of, anchor_pos[lane_ids],
+                                                                                    "amax", include_self=False)
+    offset = torch.cumsum(lengths[lane_ids], 0) - lengths[lane_ids]
+    offset = offset - offset[torch.searchsorted(seq_of, seq_of)]            # column of each lane in its sequence
+    seq_lanes = torch.bincount(seq_of, minlength=len(seqs))
+    seq_row = rows[torch.tensor([q[0] for q in seqs], dtype=torch.long, device=dev)]
+    order = torch.argsort(seq_last)
+    start = 0
+    while start < len(seqs):  # chunks of about lane_chunk lanes
+        stop, count = start, 0
+        while stop < len(seqs) and (count == 0 or count + int(seq_lanes[order[stop]]) <= lane_chunk):
+            count += int(seq_lanes[order[stop]])
+            stop += 1
+        chunk = order[start:stop]
+        start = stop
+        c = len(chunk)
+        width, nc = int(seq_len[chunk].max()), int(seq_last[chunk].max()) + 1
+        local = torch.full((len(seqs),), -1, dtype=torch.long, device=dev)
+        local[chunk] = torch.arange(c, device=dev)
+        pick = local[seq_of] >= 0                               # lanes of this chunk
+        ln, sq, off = lane_ids[pick], local[seq_of[pick]], offset[pick]
+        lens = lengths[ln]
+        # one entry per slot of these lanes
+        tok_lane = torch.repeat_interleave(torch.arange(len(ln), device=dev), lens)
+        j = torch.arange(int(lens.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        r_seq, col = sq[tok_lane], off[tok_lane] + j
+        ids = torch.full((c, width), mask_token_id, dtype=torch.long, device=dev)
+        pos = torch.zeros((c, width), dtype=torch.long, device=dev)
+        tgt = torch.full((c, width), IGNORE, dtype=torch.long, device=dev)
+        q_lane = torch.full((c, width), -1, dtype=torch.long, device=dev)   # -1: padding
+        q_slot = torch.zeros((c, width), dtype=torch.long, device=dev)
+        q_anchor = torch.full((c, width), -1, dtype=torch.long, device=dev)
+        ids[r_seq, col] = inputs[ln[tok_lane], j]
+        pos[r_seq, col] = anchor_pos[ln[tok_lane]] + 1 + j
+        tgt[r_seq, col] = targets[ln[tok_lane], j]
+        q_lane[r_seq, col] = tok_lane
+        q_slot[r_seq, col] = j
+        q_anchor[r_seq, col] = anchor_pos[ln[tok_lane]]
+        g_row = seq_row[chunk]
+        main_allowed = (idx[None, None, :nc] <= q_anchor[:, :, None]) & key_ok[g_row, None, :nc]
+        same = (q_lane[:, :, None] == q_lane[:, None, :]) & (q_slot[:, None, :] <= q_slot[:, :, None])
+        same |= torch.eye(width, dtype=torch.bool, device=dev)[None]  # padding queries see themselves
+        allowed = torch.cat([main_allowed, same], dim=-1)
         sub = DynamicCache()
         for layer_idx, layer in enumerate(cache.layers):
-            sub.update(layer.keys[g_row[gs], :, :nc], layer.values[g_row[gs], :, :nc], layer_idx)
+            sub.update(layer.keys[g_row, :, :nc], layer.values[g_row, :, :nc], layer_idx)
         h = decoder(input_ids=ids, attention_mask=to_float_mask(allowed, dtype), position_ids=pos,
                     past_key_values=sub, use_cache=True).last_hidden_state
-        tg = torch.where(has[:, :, None], targets[li][:, :, :kc], IGNORE).reshape(c, group * kc)
-        keep = tg != IGNORE                                    # the LM head only where a slot has a target
-        ce = torch.zeros((c, group * kc), device=dev)
-        ce[keep] = torch.nn.functional.cross_entropy(lm_head(h[keep]).float(), tg[keep], reduction="none")
-        ce = ce.reshape(c, group, kc)
-        losses[lanes[has], :kc] = ce[has]
+        keep = tgt != IGNORE                                    # the LM head only where a slot has a target
+        ce = torch.zeros((c, width), device=dev)
+        ce[keep] = torch.nn.functional.cross_entropy(lm_head(h[keep]).float(), tgt[keep], reduction="none")
+        losses[ln[tok_lane], j] = ce[r_seq, col]
     return main_hidden[rows, anchor_pos], losses, targets != IGNORE
