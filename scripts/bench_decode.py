@@ -54,6 +54,7 @@ def main(argv=None):
     p.add_argument("--k-min", type=int, default=4)
     p.add_argument("--k-max", type=int, default=16)
     p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--lane-len", type=int, default=None, help="MASK slots after a fully drafted block (default k_max)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv=None):
     ids = [encode(tok, pr.question, chat=True) for pr in probs]
     answers = [str(pr.answer) for pr in probs]
     base = DecodeConfig(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max,
-                        confidence=args.confidence)
+                        confidence=args.confidence, lane_len=args.lane_len)
     dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=base)
     dec.generate(ids[:4], algorithm="ar", batch_size=4)  # warm-up
     dec.generate(ids[:4], horizon="fixed", batch_size=4)
@@ -98,7 +99,7 @@ def main(argv=None):
     report["meta"] = {"checkpoint": str(Path(args.checkpoint).resolve()), "n_prompts": args.n,
                       "max_new_tokens": args.max_new_tokens, "device": args.device, "threads": args.threads,
                       "fixed_k_calibration_tokens_per_s": calib, "best_fixed_k": best_k,
-                      "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence,
+                      "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence, "lane_len": args.lane_len,
                       "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

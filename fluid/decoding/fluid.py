@@ -43,6 +43,7 @@ class DecodeConfig:
     max_new_tokens: int = 256
     batch_size: int = 16
     share_verify_draft: bool = True
+    lane_len: int | None = None    # MASK slots after a fully drafted block (None: k_max)
 
     def validate(self) -> "DecodeConfig":
         if self.algorithm not in ("fluid", "ar", "published"):
@@ -53,6 +54,8 @@ class DecodeConfig:
             raise ValueError(f"decode.k_min/k_max: need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         if not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"decode.confidence must be in [0, 1], got {self.confidence}")
+        if self.lane_len is not None and self.lane_len < 1:
+            raise ValueError(f"decode.lane_len must be >= 1 or null, got {self.lane_len}")
         if self.max_new_tokens < 1:
             raise ValueError("decode.max_new_tokens must be >= 1")
         return self
@@ -247,7 +250,7 @@ class FluidDecoder:
             if cfg.horizon == "oracle":
                 blen = self._oracle_trim(batch, stats, win, blen, full, reference, cfg)
                 in_block = slot < blen[:, None]
-            lane = torch.where(full, kmax if cfg.share_verify_draft else 0, 0)
+            lane = torch.where(full, min(cfg.lane_len or kmax, kmax) if cfg.share_verify_draft else 0, 0)
             qlen = blen + lane
             q = int(qlen.max())
             qslot = torch.arange(q, device=dev)[None, :]
@@ -298,9 +301,10 @@ class FluidDecoder:
             # next-block drafts from the lane (rows that carried one and accepted their whole block)
             lane_p = lane_tok = None
             if cfg.share_verify_draft and bool((complete & full).any()):
-                li = (c[:, None] - 1 + slot).clamp(max=q - 1)    # slot s of the next block <- logits at c-1+s
-                lp = torch.softmax(logits[rows[:, None], li].float(), -1).max(-1)
-                lane_p = torch.where((complete & full)[:, None], lp.values, float("nan"))
+                li = c[:, None] - 1 + slot                        # slot s of the next block <- logits at c-1+s
+                has_lane = (complete & full)[:, None] & (li < (c + lane)[:, None])
+                lp = torch.softmax(logits[rows[:, None], li.clamp(max=q - 1)].float(), -1).max(-1)
+                lane_p = torch.where(has_lane, lp.values, float("nan"))
                 lane_tok = lp.indices
             alive = self._commit_fluid(batch, stats, committed, ended, block_acc, block_k, cfg)
             exact, start = nxt, ended
