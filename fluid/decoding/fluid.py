@@ -1,23 +1,34 @@
 """Elastic-horizon decoding (DESIGN section 3), lossless by verification, batched.
 
-State per row: the KV cache of committed tokens, the logits of the last committed token
-(the *anchor*) and its hidden state. One step:
+The DESIGN step, per row: 1. horizon ``K_t`` from the K-head on the anchor's hidden state
+(or fixed, or an oracle); 2. draft: slot 0 is the argmax of the anchor's logits (exact),
+the other slots start as MASK; a forward over the block predicts slot ``s`` from the logits
+at slot ``s-1``; the first empty slot takes its argmax, later empty slots whose top
+probability exceeds ``confidence`` are filled too; repeat until the block is full;
+3. verify: accept the longest prefix equal to the AR argmax; at the first mismatch emit the
+AR argmax instead.
 
-1. horizon ``K_t`` from the K-head on the anchor's hidden state (or fixed, or an oracle);
-2. draft: block slot 0 is the argmax of the anchor's logits (exact); the other slots start
-   as MASK; a forward over the block predicts slot ``s`` from the logits at slot ``s-1``;
-   the first empty slot takes its argmax and later empty slots whose top probability
-   exceeds ``confidence`` are filled too; repeat until the block is full (drafts are never
-   committed: the cache is cropped after each draft forward);
-3. verify: run the filled block; slot ``s`` is accepted while it equals the AR argmax at
-   slot ``s-1``. The accepted prefix's KV entries are exact and are kept (no re-commit
-   forward); the AR argmax at the first mismatch is the next block's slot 0, so no extra
-   forward is spent on it either. With ``verify`` on the output is exactly greedy AR.
+How this module runs it (``algorithm="fluid"``, :meth:`FluidDecoder._decode_fluid`):
 
-The verify forward also carries a lane of MASK tokens after the block: for every row that
-accepts its whole block, these give the next block's first draft for free (verify t and
-draft t+1 share one forward). Rows accept different lengths (ragged); rejected slots stay in the
-cache as masked holes (compacted when they dominate) and finished rows leave the batch.
+* **Every forward verifies and drafts.** A slot's logits depend only on the slots before
+  it, and filled slots never change, so in any draft forward the leading run of filled
+  slots already gets exactly the AR argmax that the separate verify forward would compute.
+  The decoder checks it there: the verified run is committed at once (its KV entries are
+  exact: kept, never recomputed), a mismatch ends the block at once (its remaining draft
+  forwards would be wasted), and the block's first empty slot is filled with an exact
+  token. The accepted tokens and horizons are those of the DESIGN loop for the same
+  drafts; only the forwards spent after a block's fate is known disappear.
+* **Verify t and draft t+1 share one forward:** a fully drafted block carries ``lane_len``
+  MASK slots after it; if the block is accepted whole they draft the next block.
+* **Ragged rows:** every row has its own block and position; a forward runs every active
+  row's window (right-padded); committed entries stay valid in the cache, the rest become
+  masked holes (trailing ones cropped, the rest compacted when they dominate); finished
+  rows leave the batch.
+
+``algorithm="ar"`` is greedy decoding on the same state, and ``algorithm="published"`` the
+reference loop (one prompt at a time, draft until full, verify, re-run the committed
+segment after a mismatch), both for comparison. With ``verify`` on the output is exactly
+greedy AR (fp32).
 """
 
 from __future__ import annotations
