@@ -30,8 +30,15 @@ from fluid.eval.answers import exact_match  # noqa: E402
 from fluid.generate import encode, load_for_decoding  # noqa: E402
 
 
-def measure(dec: FluidDecoder, ids, answers, ar_tokens=None, **kw) -> dict:
+def measure(dec: FluidDecoder, ids, answers, ar_tokens=None, repeats: int = 1, **kw) -> dict:
+    """One row of the table; wall time is the best of ``repeats`` identical runs (CPU timings
+    on a shared machine are noisy; the outputs of the runs are identical)."""
     out = dec.generate(ids, **kw)
+    for _ in range(repeats - 1):
+        again = dec.generate(ids, **kw)
+        assert again["tokens"] == out["tokens"], "decoding is not deterministic"
+        if again["wall_time_s"] < out["wall_time_s"]:
+            out = again
     acc = sum(exact_match(t, a) for t, a in zip(out["texts"], answers)) / len(answers)
     row = {"tpf": out["tpf"], "tokens_per_s": out["tokens_per_s"], "wall_time_s": out["wall_time_s"],
            "generated_tokens": out["generated_tokens"], "nfe": out["nfe"], "accuracy": acc,
@@ -53,10 +60,11 @@ def main(argv=None):
     p.add_argument("--calibration", type=int, default=16, help="prompts used to pick the best fixed K")
     p.add_argument("--k-min", type=int, default=4)
     p.add_argument("--k-max", type=int, default=16)
-    p.add_argument("--confidence", type=float, default=0.9)
-    p.add_argument("--lane-len", type=int, default=None, help="MASK slots after a fully drafted block (default k_max)")
+    p.add_argument("--confidence", type=float, default=0.7)
+    p.add_argument("--lane-len", type=int, default=8, help="MASK slots after a fully drafted block")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest counts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -74,7 +82,7 @@ def main(argv=None):
     # the best fixed K, by tokens/s at batch 1 on a calibration subset
     calib = {}
     for k in [int(x) for x in args.fixed_k.split(",")]:
-        r, _ = measure(dec, ids[: args.calibration], answers[: args.calibration], horizon="fixed", fixed_k=k,
+        r, _ = measure(dec, ids[: args.calibration], answers[: args.calibration], horizon="fixed", fixed_k=k, repeats=args.repeats,
                        k_min=1, k_max=max(k, args.k_max), batch_size=1)
         calib[k] = r["tokens_per_s"]
     best_k = max(calib, key=calib.get)
@@ -82,24 +90,26 @@ def main(argv=None):
     report = {"ar": {}, "fluid": {}, "fluid_fixed_k": {}, "fluid_noverify": {}, "published_loop": {}}
     for bs in (1, 16):
         key = f"batch{bs}"
-        ar, ar_tokens = measure(dec, ids, answers, algorithm="ar", batch_size=bs)
+        rep = args.repeats
+        ar, ar_tokens = measure(dec, ids, answers, algorithm="ar", batch_size=bs, repeats=rep)
         ar["identical_to_ar"] = 1.0
         report["ar"][key] = ar
-        report["fluid"][key], _ = measure(dec, ids, answers, ar_tokens, horizon="head", batch_size=bs)
+        report["fluid"][key], _ = measure(dec, ids, answers, ar_tokens, horizon="head", batch_size=bs, repeats=rep)
         report["fluid_fixed_k"][key], _ = measure(dec, ids, answers, ar_tokens, horizon="fixed", fixed_k=best_k,
-                                                  k_min=1, k_max=max(best_k, args.k_max), batch_size=bs)
+                                                  k_min=1, k_max=max(best_k, args.k_max), batch_size=bs,
+                                                  repeats=rep)
         report["fluid_fixed_k"][key]["k"] = best_k
         report["fluid_noverify"][key], _ = measure(dec, ids, answers, ar_tokens, horizon="head", verify=False,
-                                                   batch_size=bs)
+                                                   batch_size=bs, repeats=rep)
         if bs == 1:
-            pub, _ = measure(dec, ids, answers, ar_tokens, algorithm="published", horizon="head")
+            pub, _ = measure(dec, ids, answers, ar_tokens, algorithm="published", horizon="head", repeats=rep)
         report["published_loop"][key] = dict(pub, note="one prompt at a time at any batch size")
         for name in report:
             report[name][key]["speedup_vs_ar"] = report[name][key]["tokens_per_s"] / ar["tokens_per_s"]
     report["meta"] = {"checkpoint": str(Path(args.checkpoint).resolve()), "n_prompts": args.n,
                       "max_new_tokens": args.max_new_tokens, "device": args.device, "threads": args.threads,
                       "fixed_k_calibration_tokens_per_s": calib, "best_fixed_k": best_k,
-                      "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence, "lane_len": args.lane_len,
+                      "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence, "lane_len": args.lane_len, "repeats": args.repeats,
                       "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from fluid.decoding.engine import DecodeBatch, RowStats
@@ -227,113 +228,121 @@ class FluidDecoder:
         a lane of MASK tokens after it; if the block is accepted whole, the lane drafts the next
         block in the same forward (verify t and draft t+1 share one forward).
         """
+        # Row bookkeeping lives in small numpy arrays (a torch op costs microseconds of dispatch
+        # on CPU, dozens of them per forward add up); tensors are only what the model needs.
         dev, kmax, mask_id = batch.device, cfg.k_max, self.mask_id
+        lane_len = min(cfg.lane_len or kmax, kmax) if cfg.share_verify_draft else 0
         n = batch.size
-        win = torch.full((n, kmax), mask_id, dtype=torch.long, device=dev)
-        filled = torch.zeros((n, kmax), dtype=torch.bool, device=dev)
-        blen = torch.zeros(n, dtype=torch.long, device=dev)       # slots of the current block in the window
-        block_k = torch.zeros(n, dtype=torch.long, device=dev)    # horizon of the current block
-        block_acc = torch.zeros(n, dtype=torch.long, device=dev)  # its tokens committed so far
-        exact = batch.pending.argmax(-1)                          # slot 0 of a new block
-        start = torch.ones(n, dtype=torch.bool, device=dev)
-        lane_p = lane_tok = None                                  # next-block drafts from a shared lane
-        slot = torch.arange(kmax, device=dev)[None, :]
+        win = np.full((n, kmax), mask_id, dtype=np.int64)
+        filled = np.zeros((n, kmax), dtype=bool)
+        blen = np.zeros(n, dtype=np.int64)         # slots of the current block in the window
+        block_k = np.zeros(n, dtype=np.int64)      # horizon of the current block
+        block_acc = np.zeros(n, dtype=np.int64)    # its tokens committed so far
+        n_tok = np.zeros(n, dtype=np.int64)        # tokens generated per row
+        exact = batch.pending.argmax(-1).cpu().numpy()  # slot 0 of a new block
+        start = np.ones(n, dtype=bool)
+        lane_p = lane_tok = None                   # next-block drafts from a shared lane
+        slot = np.arange(kmax)[None, :]
         while batch.size:
             n = batch.size
-            if bool(start.any()):  # new blocks: horizon from the head on the anchor's hidden state
-                room = torch.tensor([cfg.max_new_tokens - len(stats[r].tokens) for r in batch.rows.tolist()],
-                                    device=dev)
-                k = torch.minimum(self._horizon(batch, cfg), room).clamp(min=1)
+            if start.any():  # new blocks: horizon from the head on the anchor's hidden state
+                k = self._horizon(batch, cfg).cpu().numpy()
+                k = np.maximum(np.minimum(k, cfg.max_new_tokens - n_tok), 1)
                 if cfg.horizon == "oracle":
-                    k = torch.minimum(torch.full_like(k, kmax), room)
-                fresh = torch.where(slot == 0, exact[:, None], torch.full_like(win, mask_id))
-                fresh_filled = (slot == 0).expand(n, kmax).clone()
+                    k = np.minimum(kmax, cfg.max_new_tokens - n_tok)
+                fresh = np.where(slot == 0, exact[:, None], mask_id)
+                fresh_filled = np.broadcast_to(slot == 0, (n, kmax)).copy()
                 if lane_p is not None:  # drafts of the next block made by the previous forward's lane
-                    take = (lane_p > cfg.confidence) & (slot > 0) & (slot < k[:, None]) & ~torch.isnan(lane_p)
-                    fresh = torch.where(take, lane_tok, fresh)
+                    take = (lane_p > cfg.confidence) & (slot > 0) & (slot < k[:, None])
+                    fresh = np.where(take, lane_tok, fresh)
                     fresh_filled |= take
                 s = start[:, None]
-                win, filled = torch.where(s, fresh, win), torch.where(s, fresh_filled, filled)
-                blen, block_k = torch.where(start, k, blen), torch.where(start, k, block_k)
-                block_acc = torch.where(start, 0, block_acc)
+                win, filled = np.where(s, fresh, win), np.where(s, fresh_filled, filled)
+                blen, block_k = np.where(start, k, blen), np.where(start, k, block_k)
+                block_acc = np.where(start, 0, block_acc)
             in_block = slot < blen[:, None]
-            full = (filled | ~in_block).all(-1)                   # nothing left to draft
+            full = (filled | ~in_block).all(-1)    # nothing left to draft
             if cfg.horizon == "oracle":
                 blen = self._oracle_trim(batch, stats, win, blen, full, reference, cfg)
                 in_block = slot < blen[:, None]
-            lane = torch.where(full, min(cfg.lane_len or kmax, kmax) if cfg.share_verify_draft else 0, 0)
+            lane = np.where(full, lane_len, 0)
             qlen = blen + lane
             q = int(qlen.max())
-            qslot = torch.arange(q, device=dev)[None, :]
-            ids = torch.full((n, max(q, kmax)), mask_id, dtype=torch.long, device=dev)
-            ids[:, :kmax] = torch.where(in_block, win, mask_id)
-            ids = ids[:, :q]
-            logits, hidden = batch.forward(ids, batch.next_pos[:, None] + qslot, new_valid=qslot < qlen[:, None])
+            qslot = np.arange(q)[None, :]
+            ids = np.full((n, max(q, kmax)), mask_id, dtype=np.int64)
+            ids[:, :kmax] = np.where(in_block, win, mask_id)
+            next_pos = batch.next_pos.cpu().numpy()
+            logits, hidden = batch.forward(torch.from_numpy(ids[:, :q]).to(dev),
+                                           torch.from_numpy(next_pos[:, None] + qslot).to(dev),
+                                           new_valid=torch.from_numpy(qslot < qlen[:, None]).to(dev))
             for r, f in zip(batch.rows.tolist(), full.tolist()):
                 stats[r].nfe += 1
                 stats[r].draft_forwards += not f
-            rows = torch.arange(n, device=dev)
+            top_logit, top_t = logits.max(-1)
+            top_p = torch.exp(top_logit - torch.logsumexp(logits, -1)).cpu().numpy()
+            ar = top_t.cpu().numpy()                  # ar[:, j]: the AR token for slot j + 1 (and its draft)
+            rows = np.arange(n)
             # verification: the leading run of filled inputs that equal the AR argmax before them
-            ar = logits.argmax(-1)                                # ar[:, j] is the AR token for slot j + 1
             w = min(q, kmax)
-            ok = filled[:, :w] & (slot[:, :w] < blen[:, None])
+            ok = filled[:, :w] & in_block[:, :w]
             if cfg.verify:
                 ok[:, 1:] &= win[:, 1:w] == ar[:, : w - 1]
             ok[:, 0] = True
-            c = torch.cumprod(ok.long(), -1).sum(-1)              # committed this forward, >= 1
+            c = np.cumprod(ok, -1).sum(-1)            # committed this forward, >= 1
             complete = c >= blen
-            nxt = ar[rows, c - 1]                                 # exact token after the committed run
+            nxt = ar[rows, c - 1]                     # exact token after the committed run
             # the committed run's KV entries are exact: keep them, the rest are holes (trailing ones cropped)
             t = batch.key_valid.shape[1]
-            batch.key_valid[:, t - q:] = qslot < c[:, None]
+            batch.key_valid[:, t - q:] = torch.from_numpy(qslot < c[:, None]).to(dev)
             batch.crop(q - int(c.max()))
-            batch.pending, batch.h_anchor = logits[rows, c - 1], hidden[rows, c - 1]
-            batch.next_pos = batch.next_pos + c
+            c_t = torch.from_numpy(c - 1).to(dev)
+            r_t = torch.arange(n, device=dev)
+            batch.pending, batch.h_anchor = logits[r_t, c_t], hidden[r_t, c_t]
+            batch.next_pos = batch.next_pos + torch.from_numpy(c).to(dev)
             committed = [row[:m] for row, m in zip(win.tolist(), c.tolist())]
-            c_at = torch.minimum(c, blen - 1).clamp(min=0)
-            mismatch = ~complete & filled[rows, c_at]             # stopped at a wrong draft: block ends
-            cont = ~complete & ~mismatch                          # stopped at the first empty slot
+            c_at = np.clip(np.minimum(c, blen - 1), 0, None)
+            mismatch = ~complete & filled[rows, c_at]  # stopped at a wrong draft: block ends
+            cont = ~complete & ~mismatch              # stopped at the first empty slot
             # drafts for the rest of a continuing block: empty slots after c above the confidence
-            probs = torch.softmax(logits[:, : w - 1].float(), -1)
-            top_p, top = probs.max(-1)                            # predictions for slots 1..w-1
             later = (slot[:, 1:w] > c[:, None]) & (slot[:, 1:w] < blen[:, None]) & ~filled[:, 1:w]
-            take = later & (top_p > cfg.confidence) & cont[:, None]
-            win[:, 1:w] = torch.where(take, top, win[:, 1:w])
+            take = later & (top_p[:, : w - 1] > cfg.confidence) & cont[:, None]
+            win[:, 1:w] = np.where(take, ar[:, : w - 1], win[:, 1:w])
             filled[:, 1:w] |= take
             # shift the window left by c: slot c (the exact token) becomes slot 0
             idx = slot + c[:, None]
             inside = idx < kmax
-            win = torch.where(inside, win.gather(1, idx.clamp(max=kmax - 1)), mask_id)
-            filled = inside & filled.gather(1, idx.clamp(max=kmax - 1))
+            idx = np.minimum(idx, kmax - 1)
+            win = np.where(inside, np.take_along_axis(win, idx, 1), mask_id)
+            filled = inside & np.take_along_axis(filled, idx, 1)
             win[:, 0], filled[:, 0] = nxt, True
             blen = blen - c
             block_acc = block_acc + c
+            n_tok = n_tok + c
             ended = complete | mismatch
             # next-block drafts from the lane (rows that carried one and accepted their whole block)
             lane_p = lane_tok = None
-            if cfg.share_verify_draft and bool((complete & full).any()):
-                li = c[:, None] - 1 + slot                        # slot s of the next block <- logits at c-1+s
+            if lane_len and (complete & full).any():
+                li = c[:, None] - 1 + slot            # slot s of the next block <- logits at c-1+s
                 has_lane = (complete & full)[:, None] & (li < (c + lane)[:, None])
-                lp = torch.softmax(logits[rows[:, None], li.clamp(max=q - 1)].float(), -1).max(-1)
-                lane_p = torch.where(has_lane, lp.values, float("nan"))
-                lane_tok = lp.indices
+                li = np.minimum(li, q - 1)
+                lane_p = np.where(has_lane, np.take_along_axis(top_p, li, 1), -1.0)
+                lane_tok = np.take_along_axis(ar, li, 1)
             alive = self._commit_fluid(batch, stats, committed, ended, block_acc, block_k, cfg)
             exact, start = nxt, ended
-            keep = [win, filled, blen, block_k, block_acc, exact, start]
-            if lane_p is not None:
-                keep += [lane_p, lane_tok]
-            keep = [x[alive] for x in keep]
-            win, filled, blen, block_k, block_acc, exact, start = keep[:7]
-            if lane_p is not None:
-                lane_p, lane_tok = keep[7:]
-            batch.keep(alive)
+            if not all(alive):  # finished rows leave the batch
+                m = np.array(alive)
+                win, filled, blen, block_k, block_acc, n_tok, exact, start = (
+                    x[m] for x in (win, filled, blen, block_k, block_acc, n_tok, exact, start))
+                if lane_p is not None:
+                    lane_p, lane_tok = lane_p[m], lane_tok[m]
+                batch.keep(torch.from_numpy(m).to(dev))
             batch.compact()
 
-    def _oracle_trim(self, batch, stats, win, blen, now, reference, cfg) -> torch.Tensor:
+    def _oracle_trim(self, batch, stats, win, blen, now, reference, cfg) -> np.ndarray:
         """Analysis only: once a block is fully drafted, cut it to the prefix that matches the
         reference (what a perfect K-head would have picked for this draft)."""
-        blen = blen.clone()
-        for i in torch.nonzero(now).flatten().tolist():
+        blen = blen.copy()
+        for i in np.nonzero(now)[0].tolist():
             r = int(batch.rows[i])
             done = len(stats[r].tokens)
             ref = reference[r][done: done + int(blen[i])]
@@ -345,8 +354,8 @@ class FluidDecoder:
             blen[i] = min(max(match, cfg.k_min, 1), int(blen[i]))
         return blen
 
-    def _commit_fluid(self, batch, stats, committed, ended, block_acc, block_k, cfg) -> torch.Tensor:
-        """Append each row's committed tokens; close finished blocks; rows still alive."""
+    def _commit_fluid(self, batch, stats, committed, ended, block_acc, block_k, cfg) -> list[bool]:
+        """Append each row's committed tokens; close finished blocks; which rows are still alive."""
         alive = [True] * batch.size
         for i, (r, end, acc, k) in enumerate(zip(batch.rows.tolist(), ended.tolist(), block_acc.tolist(),
                                                  block_k.tolist())):
@@ -358,7 +367,7 @@ class FluidDecoder:
             if reason:
                 stats[r].finished = reason
                 alive[i] = False
-        return torch.tensor(alive, device=batch.device)
+        return alive
 
     def _published_step(self, batch: DecodeBatch, stats, cfg: DecodeConfig) -> list[list[int]]:
         """The reference loop (batch 1): draft until full, verify, and after a mismatch re-run
