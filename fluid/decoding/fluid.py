@@ -240,16 +240,19 @@ class FluidDecoder:
         block_acc = np.zeros(n, dtype=np.int64)    # its tokens committed so far
         n_tok = np.zeros(n, dtype=np.int64)        # tokens generated per row
         exact = batch.pending.argmax(-1).cpu().numpy()  # slot 0 of a new block
+        next_pos = batch.next_pos.cpu().numpy()         # position of each window's slot 0
         start = np.ones(n, dtype=bool)
         lane_p = lane_tok = None                   # next-block drafts from a shared lane
         slot = np.arange(kmax)[None, :]
         while batch.size:
             n = batch.size
             if start.any():  # new blocks: horizon from the head on the anchor's hidden state
-                k = self._horizon(batch, cfg).cpu().numpy()
+                if cfg.horizon == "head":
+                    h = batch.h_anchor.to(self.head.net[0].weight.dtype)
+                    k = np.clip(self.head(h).argmax(-1).cpu().numpy() + 1, cfg.k_min, cfg.k_max)
+                else:
+                    k = np.full(n, cfg.fixed_k if cfg.horizon == "fixed" else kmax)
                 k = np.maximum(np.minimum(k, cfg.max_new_tokens - n_tok), 1)
-                if cfg.horizon == "oracle":
-                    k = np.minimum(kmax, cfg.max_new_tokens - n_tok)
                 fresh = np.where(slot == 0, exact[:, None], mask_id)
                 fresh_filled = np.broadcast_to(slot == 0, (n, kmax)).copy()
                 if lane_p is not None:  # drafts of the next block made by the previous forward's lane
@@ -271,7 +274,6 @@ class FluidDecoder:
             qslot = np.arange(q)[None, :]
             ids = np.full((n, max(q, kmax)), mask_id, dtype=np.int64)
             ids[:, :kmax] = np.where(in_block, win, mask_id)
-            next_pos = batch.next_pos.cpu().numpy()
             logits, hidden = batch.forward(torch.from_numpy(ids[:, :q]).to(dev),
                                            torch.from_numpy(next_pos[:, None] + qslot).to(dev),
                                            new_valid=torch.from_numpy(qslot < qlen[:, None]).to(dev))
@@ -292,13 +294,11 @@ class FluidDecoder:
             complete = c >= blen
             nxt = ar[rows, c - 1]                     # exact token after the committed run
             # the committed run's KV entries are exact: keep them, the rest are holes (trailing ones cropped)
-            t = batch.key_valid.shape[1]
-            batch.key_valid[:, t - q:] = torch.from_numpy(qslot < c[:, None]).to(dev)
+            if n > 1:  # (one row: everything left after the crop is committed and valid)
+                t = batch.key_valid.shape[1]
+                batch.key_valid[:, t - q:] = torch.from_numpy(qslot < c[:, None]).to(dev)
             batch.crop(q - int(c.max()))
-            c_t = torch.from_numpy(c - 1).to(dev)
-            r_t = torch.arange(n, device=dev)
-            batch.pending, batch.h_anchor = logits[r_t, c_t], hidden[r_t, c_t]
-            batch.next_pos = batch.next_pos + torch.from_numpy(c).to(dev)
+            next_pos = next_pos + c
             committed = [row[:m] for row, m in zip(win.tolist(), c.tolist())]
             c_at = np.clip(np.minimum(c, blen - 1), 0, None)
             mismatch = ~complete & filled[rows, c_at]  # stopped at a wrong draft: block ends
@@ -319,6 +319,8 @@ class FluidDecoder:
             block_acc = block_acc + c
             n_tok = n_tok + c
             ended = complete | mismatch
+            if ended.any():  # the K-head input for the next block: the last committed token's state
+                batch.h_anchor = hidden[torch.arange(n, device=dev), torch.from_numpy(c - 1).to(dev)]
             # next-block drafts from the lane (rows that carried one and accepted their whole block)
             lane_p = lane_tok = None
             if lane_len and (complete & full).any():
@@ -335,7 +337,9 @@ class FluidDecoder:
                     x[m] for x in (win, filled, blen, block_k, block_acc, n_tok, exact, start))
                 if lane_p is not None:
                     lane_p, lane_tok = lane_p[m], lane_tok[m]
+                batch.next_pos = torch.from_numpy(next_pos).to(dev)
                 batch.keep(torch.from_numpy(m).to(dev))
+                next_pos = next_pos[m]
             batch.compact()
 
     def _oracle_trim(self, batch, stats, win, blen, now, reference, cfg) -> np.ndarray:
