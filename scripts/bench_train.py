@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Training-step benchmark for stage 1 (and stage 2 once it exists): tokens/s and peak memory.
 
-Cases, all on the same expanded batch and the same model (LoRA as in stage 1):
+Cases, all on the same expanded batch and the same model, trained as stage 1 trains the
+embedded backbone (``--finetune``: full fine-tuning by default, as conf/backbone/tiny.yaml
+says; ``--finetune lora`` for LoRA r=16 as on the real backbones):
   (a) dense   : our lane expansion + a 4-D float mask in the model dtype (SDPA)
   (b) flex    : our lane expansion + a flex-attention BlockMask (CUDA only)
   (c) ref     : reference-style: a full float32 (B,1,L,L) mask with -inf built per batch
@@ -57,7 +59,8 @@ def build(args):
     spec = BackboneSpec(name="bench", scratch=scratch, dtype=args.dtype, mask_token="<|mask|>")
     model = spec.build_model(from_scratch=True, vocab_size=len(tok)).to(args.device)
     mask_id, _ = resolve_mask_token(tok, model, spec.mask_token)
-    model = apply_lora(model, LoraSettings(), [mask_id])
+    if args.finetune == "lora":
+        model = apply_lora(model, LoraSettings(), [mask_id])
     if args.seq_len:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(10, len(tok), (args.batch_size, args.seq_len), generator=g)
@@ -73,6 +76,15 @@ def build(args):
                       pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
                       pad_to_multiple=128 if args.device == "cuda" else 1)
     return model, lb.to(args.device), batch, mask_id
+
+
+def default_finetune() -> str:
+    """The embedded backbone's stage-1 setting (conf/backbone/tiny.yaml: stage1_lora)."""
+    from omegaconf import OmegaConf
+
+    from fluid.config import CONF_DIR
+
+    return "lora" if OmegaConf.load(CONF_DIR / "backbone" / "tiny.yaml").get("stage1_lora", True) else "full"
 
 
 def reference_mask(lb) -> torch.Tensor:
@@ -106,7 +118,7 @@ def khead_setup(model, batch, mask_id, horizon=16):
     lb = expand_lanes(batch["input_ids"], batch["labels"], batch["attention_mask"], FullLanes(0.5, horizon),
                       mask_token_id=mask_id, noise_token_ids=torch.tensor([0]), pad_token_id=0,
                       generator=torch.Generator().manual_seed(0))
-    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # stage 2 loads a merged model
     base.requires_grad_(False)
     head = KHead(base.config.hidden_size, horizon).to(next(base.parameters()).device)
     return base, head, lb
@@ -207,6 +219,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=0, help="synthetic rows of this length (0: arith examples)")
     p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--finetune", choices=["full", "lora"], default=default_finetune(),
+                   help="how stage 1 trains (default: the embedded backbone's stage-1 setting)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
