@@ -92,6 +92,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               callbacks=_instantiate_dict(cfg.get("callbacks")))
         trainer.fit(module, datamodule=datamodule)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+        if _needs_final_validation(trainer):  # val/* in metrics.json describe the final weights
+            metrics.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
         metrics["train/steps"] = trainer.global_step
         metrics["train/wall_time_s"] = time.perf_counter() - t0
         ckpt = module.export_hf(run_dir / "checkpoint", extra=_export_meta(cfg))
@@ -126,6 +128,15 @@ def _finish_loggers(trainer) -> None:
 def _stage_kwargs(cfg: DictConfig) -> dict:
     """Stage-specific groups a module consumes (masking for stage 1, tau for stage 2)."""
     return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in cfg.stage.get("consumes", [])}
+
+
+def _needs_final_validation(trainer) -> bool:
+    """True when validation is on but its last run was before the final step (for example
+    ``trainer.max_steps=40`` with validation every 250 steps)."""
+    interval = trainer.val_check_interval
+    if trainer.fast_dev_run or not trainer.limit_val_batches or not isinstance(interval, int) or interval < 1:
+        return False
+    return trainer.global_step > 0 and trainer.global_step % interval != 0
 
 
 def _export_meta(cfg: DictConfig) -> dict:

@@ -82,8 +82,8 @@ def main(argv=None):
     # the best fixed K, by tokens/s at batch 1 on a calibration subset
     calib = {}
     for k in [int(x) for x in args.fixed_k.split(",")]:
-        r, _ = measure(dec, ids[: args.calibration], answers[: args.calibration], horizon="fixed", fixed_k=k, repeats=args.repeats,
-                       k_min=1, k_max=max(k, args.k_max), batch_size=1)
+        r, _ = measure(dec, ids[: args.calibration], answers[: args.calibration], horizon="fixed", fixed_k=k,
+                       k_min=1, k_max=max(k, args.k_max), batch_size=1, repeats=args.repeats)
         calib[k] = r["tokens_per_s"]
     best_k = max(calib, key=calib.get)
 
@@ -109,7 +109,8 @@ def main(argv=None):
     report["meta"] = {"checkpoint": str(Path(args.checkpoint).resolve()), "n_prompts": args.n,
                       "max_new_tokens": args.max_new_tokens, "device": args.device, "threads": args.threads,
                       "fixed_k_calibration_tokens_per_s": calib, "best_fixed_k": best_k,
-                      "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence, "lane_len": args.lane_len, "repeats": args.repeats,
+                      "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence,
+                      "lane_len": args.lane_len, "repeats": args.repeats,
                       "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
