@@ -60,6 +60,13 @@ def _publish(checkpoint_dir: Path, link: Path) -> None:
     log.info("published %s -> %s", link, checkpoint_dir)
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
@@ -100,7 +107,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["checkpoint_dir"] = str(ckpt.resolve())
         publish = cfg.stage.get("publish") or (spec.path if from_scratch else None)
         if publish and cfg.get("publish", True):
-            _publish(ckpt, Path(publish))
+            if _in_multirun():  # every job would repoint the same link and the last would win
+                log.info("multirun: not publishing %s (pick a run and link it, or rerun it alone)", publish)
+            else:
+                _publish(ckpt, Path(publish))
         if cfg.get("test", True) and cfg.stage.get("run_test", True):
             test = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update(test[0] if test else {})

@@ -114,6 +114,8 @@ def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artif
     groups = {OmegaConf.load(sweep / d / "config.yaml").logger.wandb.group for d in runs}
     assert len(groups) == 1 and None not in groups  # one W&B group for the whole sweep
     assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
+    link = artifacts / "tiny-stage2"  # a sweep's jobs do not fight over the published link
+    assert not link.exists() or sweep.resolve() not in link.resolve().parents
 
 
 @pytest.fixture(scope="module")
