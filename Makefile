@@ -36,7 +36,7 @@ test-slow: $(STAMP)  ## slow tests (real SmolLM2 checkpoint, long runs)
 test-gpu: $(STAMP)  ## GPU tests (flex attention, bf16, DeepSpeed); needs CUDA
 	$(BIN)/python -m pytest -q -m gpu
 
-demo: $(STAMP)  ## the embedded pipeline on CPU: stage 0 -> 1 -> 2 -> decode (~30 min on 2 cores)
+demo: $(STAMP)  ## the embedded pipeline on CPU: stage 0 -> 1 -> 2 -> decode (~40 min on 2 cores)
 	$(BIN)/python -m fluid.train stage=0
 	$(BIN)/python -m fluid.train stage=1
 	$(BIN)/python -m fluid.train stage=2
