@@ -41,3 +41,20 @@ def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage.init_checkpoint:") and "run stage 1 first" in last
+
+
+def test_final_validation_only_when_the_last_one_was_early():
+    from types import SimpleNamespace
+
+    from fluid.train import _needs_final_validation
+
+    def trainer(step, interval=250, limit=1.0, fdr=False):
+        return SimpleNamespace(global_step=step, val_check_interval=interval, limit_val_batches=limit,
+                               fast_dev_run=fdr)
+
+    assert _needs_final_validation(trainer(40))            # a short run never validated
+    assert _needs_final_validation(trainer(1200))          # the last validation was at step 1000
+    assert not _needs_final_validation(trainer(1000))      # it just ran at the last step
+    assert not _needs_final_validation(trainer(40, limit=0))
+    assert not _needs_final_validation(trainer(1, fdr=True))
+    assert not _needs_final_validation(trainer(40, interval=0.5))  # a fraction of an epoch: Lightning's own
