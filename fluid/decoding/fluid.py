@@ -247,11 +247,7 @@ class FluidDecoder:
         while batch.size:
             n = batch.size
             if start.any():  # new blocks: horizon from the head on the anchor's hidden state
-                if cfg.horizon == "head":
-                    h = batch.h_anchor.to(self.head.net[0].weight.dtype)
-                    k = np.clip(self.head(h).argmax(-1).cpu().numpy() + 1, cfg.k_min, cfg.k_max)
-                else:
-                    k = np.full(n, cfg.fixed_k if cfg.horizon == "fixed" else kmax)
+                k = self._horizon(batch, cfg).cpu().numpy()
                 k = np.maximum(np.minimum(k, cfg.max_new_tokens - n_tok), 1)
                 fresh = np.where(slot == 0, exact[:, None], mask_id)
                 fresh_filled = np.broadcast_to(slot == 0, (n, kmax)).copy()
