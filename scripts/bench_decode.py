@@ -58,10 +58,13 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--fixed-k", default="2,4,6,8,12,16")
     p.add_argument("--calibration", type=int, default=16, help="prompts used to pick the best fixed K")
-    p.add_argument("--k-min", type=int, default=4)
-    p.add_argument("--k-max", type=int, default=16)
-    p.add_argument("--confidence", type=float, default=0.7)
-    p.add_argument("--lane-len", type=int, default=8, help="MASK slots after a fully drafted block")
+    dflt = OmegaConf.load(CONF_DIR / "generate.yaml").decode  # the decoding defaults, in one place
+    p.add_argument("--k-min", type=int, default=dflt.k_min)
+    p.add_argument("--k-max", type=int, default=dflt.k_max)
+    p.add_argument("--confidence", type=float, default=dflt.confidence)
+    p.add_argument("--lane-len", type=int, default=dflt.lane_len, help="MASK slots after a fully drafted block")
+    p.add_argument("--token-budget", type=int, default=dflt.token_budget,
+                   help="tokens per forward across the batch (0: no cap)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest counts")
@@ -74,7 +77,7 @@ def main(argv=None):
     ids = [encode(tok, pr.question, chat=True) for pr in probs]
     answers = [str(pr.answer) for pr in probs]
     base = DecodeConfig(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max,
-                        confidence=args.confidence, lane_len=args.lane_len)
+                        confidence=args.confidence, lane_len=args.lane_len, token_budget=args.token_budget or None)
     dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=base)
     dec.generate(ids[:4], algorithm="ar", batch_size=4)  # warm-up
     dec.generate(ids[:4], horizon="fixed", batch_size=4)
@@ -110,7 +113,7 @@ def main(argv=None):
                       "max_new_tokens": args.max_new_tokens, "device": args.device, "threads": args.threads,
                       "fixed_k_calibration_tokens_per_s": calib, "best_fixed_k": best_k,
                       "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence,
-                      "lane_len": args.lane_len, "repeats": args.repeats,
+                      "lane_len": args.lane_len, "token_budget": args.token_budget, "repeats": args.repeats,
                       "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

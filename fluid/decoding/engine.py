@@ -35,7 +35,12 @@ def decoder_and_lm_head(model):
 class DecodeBatch:
     """The decoding state of the still-active rows of one batch."""
 
-    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int):
+    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int, lane: int = 0,
+                 mask_token_id: int | None = None):
+        """Prefill ``prompts``. With ``lane`` > 0 the prefill forward also carries ``lane`` MASK
+        slots after every prompt (their KV is dropped again): ``lane_logits[:, s]`` predicts slot
+        ``s`` of the first block (slot 0 from the prompt's last token), so the first block is
+        drafted by the prefill itself instead of by a forward of its own."""
         self.model = model
         self.decoder, self.lm_head = decoder_and_lm_head(model)
         p0 = next(model.parameters())
@@ -52,10 +57,21 @@ class DecodeBatch:
         self.cache = DynamicCache()
         self.key_valid = torch.zeros((len(prompts), 0), dtype=torch.bool, device=self.device)
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        self.lane_logits = None
+        if lane > 0:
+            if mask_token_id is None:
+                raise ValueError("a prefill lane needs the mask token id")
+            ids = torch.cat([ids, torch.full((len(prompts), lane), mask_token_id, dtype=torch.long,
+                                             device=self.device)], dim=1)
+            pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(lane, device=self.device)[None]], dim=1)
+            valid = torch.cat([valid, torch.ones((len(prompts), lane), dtype=torch.bool, device=self.device)], 1)
         logits, hidden = self.forward(ids, pos, new_valid=valid)
-        self.pending = logits[:, -1]       # logits of the anchor (last committed, cached token)
-        self.h_anchor = hidden[:, -1]      # its final hidden state (K-head input)
-        self.next_pos = pos[:, -1] + 1     # position of the next token
+        if lane > 0:
+            self.crop(lane)
+            self.lane_logits = logits[:, n - 1:]
+        self.pending = logits[:, n - 1]    # logits of the anchor (last committed, cached token)
+        self.h_anchor = hidden[:, n - 1]   # its final hidden state (K-head input)
+        self.next_pos = pos[:, n - 1] + 1  # position of the next token
 
     @property
     def size(self) -> int:

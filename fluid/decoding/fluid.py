@@ -55,7 +55,12 @@ class DecodeConfig:
     max_new_tokens: int = 256
     batch_size: int = 16
     share_verify_draft: bool = True
-    lane_len: int | None = None    # MASK slots after a fully drafted block (None: k_max)
+    lane_len: int | None = None    # MASK slots after a fully drafted block (None: k_max - 1)
+    # tokens per forward across the batch (None: no cap): with n active rows a block holds at most
+    # max(k_min, token_budget // (2 n)) slots and a lane one fewer. Batched forwards are compute
+    # bound, so wide windows at a large batch cost more than their drafts bring; as rows finish
+    # the cap widens again.
+    token_budget: int | None = None
 
     def validate(self) -> "DecodeConfig":
         if self.algorithm not in ("fluid", "ar", "published"):
@@ -68,6 +73,8 @@ class DecodeConfig:
             raise ValueError(f"decode.confidence must be in [0, 1], got {self.confidence}")
         if self.lane_len is not None and self.lane_len < 1:
             raise ValueError(f"decode.lane_len must be >= 1 or null, got {self.lane_len}")
+        if self.token_budget is not None and self.token_budget < 2:
+            raise ValueError(f"decode.token_budget must be >= 2 or null, got {self.token_budget}")
         if self.max_new_tokens < 1:
             raise ValueError("decode.max_new_tokens must be >= 1")
         return self
@@ -142,11 +149,13 @@ class FluidDecoder:
     # ------------------------------------------------------------- decoding
     @torch.no_grad()
     def _decode(self, prompts, cfg: DecodeConfig, reference) -> list[RowStats]:
-        batch = DecodeBatch(self.model, prompts, self.pad_id)
         stats = [RowStats() for _ in prompts]
         if cfg.algorithm == "fluid":
+            batch = DecodeBatch(self.model, prompts, self.pad_id, lane=self._caps(cfg, len(prompts))[1],
+                                mask_token_id=self.mask_id)
             self._decode_fluid(batch, stats, cfg, reference)
             return stats
+        batch = DecodeBatch(self.model, prompts, self.pad_id)
         while batch.size:
             if cfg.algorithm == "ar":
                 accepted = self._ar_step(batch, stats)
@@ -165,6 +174,16 @@ class FluidDecoder:
         batch.pending, batch.h_anchor = logits[:, -1], hidden[:, -1]
         batch.next_pos = batch.next_pos + 1
         return [[int(t)] for t in tok]
+
+    @staticmethod
+    def _caps(cfg: DecodeConfig, n_rows: int) -> tuple[int, int]:
+        """(largest block, lane length) for a forward over ``n_rows`` rows (``token_budget``)."""
+        k_cap = cfg.k_max
+        if cfg.token_budget is not None:
+            k_cap = max(cfg.k_min, min(cfg.k_max, cfg.token_budget // (2 * n_rows)))
+        # a lane of k - 1 MASK slots drafts slots 1..k-1 of the next block (slot 0 is exact)
+        lane = min(cfg.lane_len or cfg.k_max - 1, k_cap - 1) if cfg.share_verify_draft else 0
+        return k_cap, lane
 
     def _horizon(self, batch: DecodeBatch, cfg: DecodeConfig) -> torch.Tensor:
         if cfg.horizon == "fixed":
@@ -231,7 +250,6 @@ class FluidDecoder:
         # Row bookkeeping lives in small numpy arrays (a torch op costs microseconds of dispatch
         # on CPU, dozens of them per forward add up); tensors are only what the model needs.
         dev, kmax, mask_id = batch.device, cfg.k_max, self.mask_id
-        lane_len = min(cfg.lane_len or kmax, kmax) if cfg.share_verify_draft else 0
         n = batch.size
         win = np.full((n, kmax), mask_id, dtype=np.int64)
         filled = np.zeros((n, kmax), dtype=bool)
@@ -244,11 +262,21 @@ class FluidDecoder:
         start = np.ones(n, dtype=bool)
         lane_p = lane_tok = None                   # next-block drafts from a shared lane
         slot = np.arange(kmax)[None, :]
+        if batch.lane_logits is not None:          # the prefill drafted the first block
+            top_logit, top_t = batch.lane_logits.max(-1)
+            p = torch.exp(top_logit - torch.logsumexp(batch.lane_logits, -1)).cpu().numpy()
+            m = min(p.shape[1], kmax)
+            lane_p = np.full((n, kmax), -1.0)
+            lane_p[:, :m] = p[:, :m]
+            lane_tok = np.full((n, kmax), mask_id, dtype=np.int64)
+            lane_tok[:, :m] = top_t.cpu().numpy()[:, :m]
+            batch.lane_logits = None
         while batch.size:
             n = batch.size
+            k_cap, lane_len = self._caps(cfg, n)
             if start.any():  # new blocks: horizon from the head on the anchor's hidden state
                 k = self._horizon(batch, cfg).cpu().numpy()
-                k = np.maximum(np.minimum(k, cfg.max_new_tokens - n_tok), 1)
+                k = np.maximum(np.minimum(np.minimum(k, k_cap), cfg.max_new_tokens - n_tok), 1)
                 fresh = np.where(slot == 0, exact[:, None], mask_id)
                 fresh_filled = np.broadcast_to(slot == 0, (n, kmax)).copy()
                 if lane_p is not None:  # drafts of the next block made by the previous forward's lane
