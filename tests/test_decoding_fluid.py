@@ -58,10 +58,7 @@ def test_lossless_when_drafts_are_good():
     """A model whose prediction ignores its input drafts perfectly: whole blocks are accepted,
     the verify forward doubles as the next draft (the prefill as the first), and the output is still
     exactly AR."""
-    model = tiny_model("llama", vocab_size=VOCAB, seed=3)
-    with torch.no_grad():  # every token (MASK included) embeds to the same vector
-        emb = model.get_input_embeddings().weight
-        emb.copy_(emb[5].expand_as(emb))
+    model = constant_model()
     ps = prompts(3, seed=4)
     ref = ar_reference(model, ps, 40)
     out = decoder(model, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=40, batch_size=3,
@@ -129,6 +126,54 @@ def test_random_heads_never_break_losslessness():
         assert out["tokens"] == ref
 
 
+def constant_model(seed=3):
+    """Every token (MASK included) embeds to the same vector: perfect drafts, whole blocks accepted."""
+    model = tiny_model("llama", vocab_size=VOCAB, seed=seed)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb[5].expand_as(emb))
+    return model
+
+
+@pytest.mark.parametrize("good_drafts", [False, True])
+def test_single_row_fast_path_matches_batched_loop(good_drafts):
+    """Batch 1 runs a scalar copy of the loop: same tokens and the same statistics, forward for forward."""
+    model = constant_model() if good_drafts else tiny_model("qwen3", vocab_size=VOCAB, seed=13)
+    ps = prompts(4, seed=14)
+    free = ar_reference(model, ps[:1], 12)
+    settings = [dict(horizon="head", k_min=1, k_max=16, confidence=0.3),
+                dict(horizon="fixed", fixed_k=5, k_min=1, k_max=8, confidence=0.0, lane_len=2),
+                dict(horizon="fixed", fixed_k=6, k_min=1, k_max=8, confidence=0.9, share_verify_draft=False),
+                dict(horizon="head", k_min=2, k_max=8, confidence=0.0, verify=False),
+                dict(horizon="head", k_min=1, k_max=16, confidence=0.5, token_budget=10)]
+    for cfg in settings:
+        for eos in (None, free[0][7]):
+            fast = decoder(model, eos=eos, max_new_tokens=21, batch_size=1, **cfg)
+            slow = decoder(model, eos=eos, max_new_tokens=21, batch_size=1, **cfg)
+            slow.force_batched = True
+            a, b = fast.generate(ps), slow.generate(ps)
+            assert a["tokens"] == b["tokens"], cfg
+            assert [vars(r) for r in a["rows"]] == [vars(r) for r in b["rows"]], cfg
+            if cfg.get("verify", True):
+                assert a["tokens"] == ar_reference(model, ps, 21, eos=eos)
+
+
+def test_token_budget_caps_blocks_while_the_batch_is_large():
+    model = constant_model()
+    ps = prompts(4, seed=15)
+    ref = ar_reference(model, ps, 40)
+    # 4 rows, 32 tokens a forward: blocks of at most 32 // (2 * 4) = 4 slots (lanes of 3)
+    out = decoder(model, horizon="fixed", fixed_k=16, k_min=1, k_max=16, max_new_tokens=40, batch_size=4,
+                  confidence=0.0, token_budget=32).generate(ps)
+    assert out["tokens"] == ref
+    assert all(h == 4 for r in out["rows"] for h in r.horizons)
+    assert out["tpf"] == 4
+    one = decoder(model, horizon="fixed", fixed_k=16, k_min=1, k_max=16, max_new_tokens=40, batch_size=1,
+                  confidence=0.0, token_budget=32).generate(ps)
+    assert one["tokens"] == ref
+    assert all(r.horizons == [16, 16, 8] for r in one["rows"])  # one row: 32 // 2 = 16, the cap is k_max
+
+
 def test_fill_rule():
     block = torch.tensor([[7, MASK, MASK, MASK]])
     need = torch.tensor([[False, True, True, True]])
@@ -145,3 +190,5 @@ def test_bad_config_is_named():
         DecodeConfig(horizon="nope").validate()
     with pytest.raises(ValueError, match="k_min"):
         DecodeConfig(k_min=5, k_max=4).validate()
+    with pytest.raises(ValueError, match="token_budget"):
+        DecodeConfig(token_budget=1).validate()

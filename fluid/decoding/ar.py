@@ -25,7 +25,7 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int | None,
                     pad_token_id: int) -> GenerationResult:
     """Greedy decoding; returns the new tokens of each row (up to and including EOS)."""

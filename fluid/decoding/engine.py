@@ -56,6 +56,7 @@ class DecodeBatch:
         self.rows = torch.arange(len(prompts), device=self.device)  # original index of each active row
         self.cache = DynamicCache()
         self.key_valid = torch.zeros((len(prompts), 0), dtype=torch.bool, device=self.device)
+        self.holes = False  # whether some cache entry is hidden (padding, rejected drafts): key_valid matters
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
         self.lane_logits = None
         if lane > 0:
@@ -77,22 +78,39 @@ class DecodeBatch:
     def size(self) -> int:
         return int(self.rows.numel())
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, new_valid: torch.Tensor | None = None):
-        """Run ``ids`` (B, Q) after the cache; their KV is appended (callers crop/invalidate)."""
+        """Run ``ids`` (B, Q) after the cache; their KV is appended (callers crop/invalidate).
+
+        ``new_valid`` (B, Q): which new entries stay visible to later queries (None: all)."""
         b, q = ids.shape
+        t = self.key_valid.shape[1]
+        if new_valid is None and not self.holes:
+            # nothing to hide: the plain causal mask over cache + block (one op, no boolean detour)
+            mask = torch.full((q, t + q), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+            mask = mask.triu_(t + 1)[None, None].expand(b, 1, q, t + q)
+        else:
+            if new_valid is None:
+                new_valid = torch.ones((b, q), dtype=torch.bool, device=self.device)
+            causal = torch.ones((q, q), dtype=torch.bool, device=self.device).tril()
+            allowed = torch.cat([self.key_valid[:, None, :].expand(b, q, t), causal[None].expand(b, q, q) &
+                                 new_valid[:, None, :]], dim=-1)
+            allowed[:, :, t:] |= torch.eye(q, dtype=torch.bool, device=self.device)[None]  # never fully blocked
+            mask = to_float_mask(allowed, self.dtype)
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                           use_cache=True)
         if new_valid is None:
             new_valid = torch.ones((b, q), dtype=torch.bool, device=self.device)
-        t = self.key_valid.shape[1]
-        causal = torch.ones((q, q), dtype=torch.bool, device=self.device).tril()
-        allowed = torch.cat([self.key_valid[:, None, :].expand(b, q, t), causal[None].expand(b, q, q) &
-                             new_valid[:, None, :]], dim=-1)
-        allowed[:, :, t:] |= torch.eye(q, dtype=torch.bool, device=self.device)[None]  # never a fully blocked row
-        out = self.decoder(input_ids=ids, attention_mask=to_float_mask(allowed, self.dtype), position_ids=pos,
-                           past_key_values=self.cache, use_cache=True)
+        else:
+            self.holes = self.holes or not bool(new_valid.all())
         self.key_valid = torch.cat([self.key_valid, new_valid], dim=1)
         hidden = out.last_hidden_state
         return self.lm_head(hidden).float(), hidden
+
+    def hide_tail(self, valid: torch.Tensor) -> None:
+        """Set the visibility of the last ``valid.shape[1]`` cache entries (False: a hole)."""
+        self.key_valid[:, -valid.shape[1]:] = valid
+        self.holes = self.holes or not bool(valid.all())
 
     def crop(self, n: int) -> None:
         """Drop the last ``n`` cache entries (a draft forward is never committed)."""
@@ -112,7 +130,7 @@ class DecodeBatch:
     def compact(self) -> None:
         """Squeeze cache holes out (left-aligned padding) once they dominate the cache."""
         t = self.key_valid.shape[1]
-        if self.size == 0:
+        if self.size == 0 or t < 64 or not self.holes:
             return
         counts = self.key_valid.sum(-1)
         width = int(counts.max())

@@ -109,6 +109,7 @@ class FluidDecoder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.config = (config or DecodeConfig()).validate()
         self.stop_strings = list(stop_strings)
+        self.force_batched = False  # tests: run a single row through the batched loop too
 
     # ------------------------------------------------------------------ API
     def generate(self, prompts: Sequence[Sequence[int] | str], reference: Sequence[Sequence[int]] | None = None,
@@ -147,13 +148,16 @@ class FluidDecoder:
         return text
 
     # ------------------------------------------------------------- decoding
-    @torch.no_grad()
+    @torch.inference_mode()
     def _decode(self, prompts, cfg: DecodeConfig, reference) -> list[RowStats]:
         stats = [RowStats() for _ in prompts]
         if cfg.algorithm == "fluid":
             batch = DecodeBatch(self.model, prompts, self.pad_id, lane=self._caps(cfg, len(prompts))[1],
                                 mask_token_id=self.mask_id)
-            self._decode_fluid(batch, stats, cfg, reference)
+            if len(prompts) == 1 and cfg.horizon != "oracle" and not self.force_batched:
+                self._decode_fluid_one(batch, stats[0], cfg)
+            else:
+                self._decode_fluid(batch, stats, cfg, reference)
             return stats
         batch = DecodeBatch(self.model, prompts, self.pad_id)
         while batch.size:
@@ -300,7 +304,8 @@ class FluidDecoder:
             ids[:, :kmax] = np.where(in_block, win, mask_id)
             logits, hidden = batch.forward(torch.from_numpy(ids[:, :q]).to(dev),
                                            torch.from_numpy(next_pos[:, None] + qslot).to(dev),
-                                           new_valid=torch.from_numpy(qslot < qlen[:, None]).to(dev))
+                                           new_valid=None if qlen.min() == q else
+                                           torch.from_numpy(qslot < qlen[:, None]).to(dev))
             for r, f in zip(batch.rows.tolist(), full.tolist()):
                 stats[r].nfe += 1
                 stats[r].draft_forwards += not f
@@ -319,8 +324,7 @@ class FluidDecoder:
             nxt = ar[rows, c - 1]                     # exact token after the committed run
             # the committed run's KV entries are exact: keep them, the rest are holes (trailing ones cropped)
             if n > 1:  # (one row: everything left after the crop is committed and valid)
-                t = batch.key_valid.shape[1]
-                batch.key_valid[:, t - q:] = torch.from_numpy(qslot < c[:, None]).to(dev)
+                batch.hide_tail(torch.from_numpy(qslot < c[:, None]).to(dev))
             batch.crop(q - int(c.max()))
             next_pos = next_pos + c
             committed = [row[:m] for row, m in zip(win.tolist(), c.tolist())]
@@ -365,6 +369,72 @@ class FluidDecoder:
                 batch.keep(torch.from_numpy(m).to(dev))
                 next_pos = next_pos[m]
             batch.compact()
+
+    def _decode_fluid_one(self, batch: DecodeBatch, row: RowStats, cfg: DecodeConfig) -> None:
+        """:meth:`_decode_fluid` for a single row, on plain Python scalars and lists.
+
+        The same steps and the same results (a test compares the two on every statistic); at
+        batch 1 the array bookkeeping of the batched loop costs about as much per forward as
+        the Python around it, so the common interactive case gets this lean copy."""
+        dev, mask_id, conf = batch.device, self.mask_id, cfg.confidence
+        k_cap, lane_len = self._caps(cfg, 1)
+        exact = int(batch.pending[0].argmax())
+        next_pos = int(batch.next_pos[0])
+        lane = None                                # (top prob, token) per slot of the next block
+        if batch.lane_logits is not None:          # the prefill drafted the first block
+            top_logit, top_t = batch.lane_logits[0].max(-1)
+            lane = (torch.exp(top_logit - torch.logsumexp(batch.lane_logits[0], -1)).tolist(), top_t.tolist())
+            batch.lane_logits = None
+        while True:
+            # a new block: horizon from the head; slot 0 exact, later slots from the lane's drafts
+            k = int(self._horizon(batch, cfg)[0])
+            k = max(min(k, k_cap, cfg.max_new_tokens - len(row.tokens)), 1)
+            win, filled = [exact] + [mask_id] * (k - 1), [True] + [False] * (k - 1)
+            if lane is not None:
+                lp, lt = lane
+                for s in range(1, min(k, len(lp))):
+                    if lp[s] > conf:
+                        win[s], filled[s] = lt[s], True
+            acc, lane = 0, None
+            while True:  # forwards over this block until it ends
+                blen = len(win)
+                full = all(filled)
+                q = blen + (lane_len if full else 0)
+                ids = win + [mask_id] * (q - blen)
+                logits, hidden = batch.forward(torch.tensor([ids], device=dev),
+                                               torch.arange(next_pos, next_pos + q, device=dev)[None])
+                row.nfe += 1
+                row.draft_forwards += not full
+                top_logit, top_t = logits[0].max(-1)
+                top_p = torch.exp(top_logit - torch.logsumexp(logits[0], -1)).tolist()
+                ar = top_t.tolist()
+                c = 1  # verification: the leading run of filled slots equal to the AR argmax before them
+                while c < blen and filled[c] and (not cfg.verify or win[c] == ar[c - 1]):
+                    c += 1
+                batch.crop(q - c)
+                next_pos += c
+                acc += c
+                committed, nxt = win[:c], ar[c - 1]
+                ended = c >= blen or filled[c]   # accepted whole, or a wrong draft ends the block
+                if not ended:  # draft the rest: empty slots after c above the confidence
+                    for s in range(c + 1, blen):
+                        if not filled[s] and top_p[s - 1] > conf:
+                            win[s], filled[s] = ar[s - 1], True
+                    win, filled = [nxt] + win[c + 1:], [True] + filled[c + 1:]
+                toks, reason = self._cut(row, committed, cfg)
+                row.tokens.extend(toks)
+                if reason or ended:
+                    row.accepted.append(acc - (len(committed) - len(toks)))
+                    row.horizons.append(k)
+                if reason:
+                    row.finished = reason
+                    return
+                if ended:
+                    break
+            batch.h_anchor = hidden[:, c - 1]
+            exact = nxt
+            if lane_len and c >= blen and full:  # next-block drafts from this forward's lane
+                lane = (top_p[c - 1: c + lane_len], ar[c - 1: c + lane_len])
 
     def _oracle_trim(self, batch, stats, win, blen, now, reference, cfg) -> np.ndarray:
         """Analysis only: once a block is fully drafted, cut it to the prefix that matches the
