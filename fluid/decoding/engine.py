@@ -66,11 +66,11 @@ class DecodeBatch:
                                              device=self.device)], dim=1)
             pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(lane, device=self.device)[None]], dim=1)
             valid = torch.cat([valid, torch.ones((len(prompts), lane), dtype=torch.bool, device=self.device)], 1)
-        logits, hidden = self.forward(ids, pos, new_valid=valid)
+        logits, hidden = self.forward(ids, pos, new_valid=valid, logits_from=n - 1)
         if lane > 0:
             self.crop(lane)
-            self.lane_logits = logits[:, n - 1:]
-        self.pending = logits[:, n - 1]    # logits of the anchor (last committed, cached token)
+            self.lane_logits = logits
+        self.pending = logits[:, 0]        # logits of the anchor (last committed, cached token)
         self.h_anchor = hidden[:, n - 1]   # its final hidden state (K-head input)
         self.next_pos = pos[:, n - 1] + 1  # position of the next token
 
@@ -79,10 +79,13 @@ class DecodeBatch:
         return int(self.rows.numel())
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, new_valid: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, new_valid: torch.Tensor | None = None,
+                logits_from: int = 0):
         """Run ``ids`` (B, Q) after the cache; their KV is appended (callers crop/invalidate).
 
-        ``new_valid`` (B, Q): which new entries stay visible to later queries (None: all)."""
+        ``new_valid`` (B, Q): which new entries stay visible to later queries (None: all).
+        Returns the logits of positions ``logits_from..Q-1`` (the prefill needs only its last
+        ones) and the final hidden states of all positions."""
         b, q = ids.shape
         t = self.key_valid.shape[1]
         if new_valid is None and not self.holes:
@@ -105,7 +108,7 @@ class DecodeBatch:
             self.holes = self.holes or not bool(new_valid.all())
         self.key_valid = torch.cat([self.key_valid, new_valid], dim=1)
         hidden = out.last_hidden_state
-        return self.lm_head(hidden).float(), hidden
+        return self.lm_head(hidden[:, logits_from:]).float(), hidden
 
     def hide_tail(self, valid: torch.Tensor) -> None:
         """Set the visibility of the last ``valid.shape[1]`` cache entries (False: a hole)."""
