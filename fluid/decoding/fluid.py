@@ -19,11 +19,16 @@ How this module runs it (``algorithm="fluid"``, :meth:`FluidDecoder._decode_flui
   token. The accepted tokens and horizons are those of the DESIGN loop for the same
   drafts; only the forwards spent after a block's fate is known disappear.
 * **Verify t and draft t+1 share one forward:** a fully drafted block carries ``lane_len``
-  MASK slots after it; if the block is accepted whole they draft the next block.
+  MASK slots after it; if the block is accepted whole they draft the next block. The prefill
+  carries such a lane too: it drafts the first block.
+* **Token budget:** at a large batch the forward is compute-bound, so ``token_budget`` caps the
+  block (and lane) length by the number of active rows.
 * **Ragged rows:** every row has its own block and position; a forward runs every active
   row's window (right-padded); committed entries stay valid in the cache, the rest become
   masked holes (trailing ones cropped, the rest compacted when they dominate); finished
   rows leave the batch.
+
+A single row takes :meth:`FluidDecoder._decode_fluid_one`, the same loop on Python scalars.
 
 ``algorithm="ar"`` is greedy decoding on the same state, and ``algorithm="published"`` the
 reference loop (one prompt at a time, draft until full, verify, re-run the committed
