@@ -75,6 +75,7 @@ def main(argv=None):
     p.add_argument("--lane-len", type=int, default=dflt.lane_len, help="MASK slots after a fully drafted block")
     p.add_argument("--token-budget", type=int, default=dflt.token_budget,
                    help="tokens per forward across the batch (0: no cap)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (every row)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest counts")
@@ -87,10 +88,15 @@ def main(argv=None):
     ids = [encode(tok, pr.question, chat=True) for pr in probs]
     answers = [str(pr.answer) for pr in probs]
     base = DecodeConfig(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max,
-                        confidence=args.confidence, lane_len=args.lane_len, token_budget=args.token_budget or None)
+                        confidence=args.confidence, lane_len=args.lane_len, token_budget=args.token_budget or None, compile=args.compile)
     dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=base)
     dec.generate(ids[:4], algorithm="ar", batch_size=4)  # warm-up
     dec.generate(ids[:4], horizon="fixed", batch_size=4)
+    if args.compile:  # compile for the shapes every row will see before anything is timed
+        for bs in (1, 16):
+            for kw in (dict(algorithm="ar"), dict(horizon="head"), dict(horizon="fixed"), dict(verify=False),
+                       dict(algorithm="published")):
+                dec.generate(ids[:16], batch_size=bs, **kw)
 
     # the best fixed K, by tokens/s at batch 1 on a calibration subset
     ks = [int(x) for x in args.fixed_k.split(",")]
@@ -125,7 +131,7 @@ def main(argv=None):
                       "max_new_tokens": args.max_new_tokens, "device": args.device, "threads": args.threads,
                       "fixed_k_calibration_tokens_per_s": calib, "best_fixed_k": best_k,
                       "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence,
-                      "lane_len": args.lane_len, "token_budget": args.token_budget, "repeats": args.repeats,
+                      "lane_len": args.lane_len, "token_budget": args.token_budget, "repeats": args.repeats, "compile": args.compile,
                       "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

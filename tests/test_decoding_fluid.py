@@ -192,3 +192,16 @@ def test_bad_config_is_named():
         DecodeConfig(k_min=5, k_max=4).validate()
     with pytest.raises(ValueError, match="token_budget"):
         DecodeConfig(token_budget=1).validate()
+
+
+@pytest.mark.slow
+def test_compiled_body_gives_the_same_tokens():
+    """decode.compile runs a torch.compile of the transformer body: same tokens, every algorithm."""
+    model = tiny_model("llama", vocab_size=VOCAB, seed=16)
+    ps = prompts(3, seed=17)
+    ref = ar_reference(model, ps, 12)
+    dec = decoder(model, k_min=2, k_max=6, max_new_tokens=12, confidence=0.3, compile=True)
+    for bs in (1, 3):
+        for kw in (dict(algorithm="ar"), dict(horizon="head"), dict(algorithm="published", horizon="fixed")):
+            assert dec.generate(ps, batch_size=bs, **kw)["tokens"] == ref, (bs, kw)
+    assert dec._compiled is not None

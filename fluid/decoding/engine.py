@@ -36,13 +36,16 @@ class DecodeBatch:
     """The decoding state of the still-active rows of one batch."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int, lane: int = 0,
-                 mask_token_id: int | None = None):
+                 mask_token_id: int | None = None, decoder=None):
         """Prefill ``prompts``. With ``lane`` > 0 the prefill forward also carries ``lane`` MASK
         slots after every prompt (their KV is dropped again): ``lane_logits[:, s]`` predicts slot
         ``s`` of the first block (slot 0 from the prompt's last token), so the first block is
-        drafted by the prefill itself instead of by a forward of its own."""
+        drafted by the prefill itself instead of by a forward of its own. ``decoder`` replaces
+        the model's transformer body (a ``torch.compile`` of it)."""
         self.model = model
         self.decoder, self.lm_head = decoder_and_lm_head(model)
+        if decoder is not None:
+            self.decoder = decoder
         p0 = next(model.parameters())
         self.device, self.dtype = p0.device, p0.dtype
         n = max(len(p) for p in prompts)

@@ -66,6 +66,9 @@ class DecodeConfig:
     # bound, so wide windows at a large batch cost more than their drafts bring; as rows finish
     # the cap widens again.
     token_budget: int | None = None
+    # torch.compile the transformer body (dynamic shapes) for every algorithm alike: faster
+    # forwards once compiled (tens of seconds on first use), same tokens
+    compile: bool = False
 
     def validate(self) -> "DecodeConfig":
         if self.algorithm not in ("fluid", "ar", "published"):
@@ -115,6 +118,7 @@ class FluidDecoder:
         self.config = (config or DecodeConfig()).validate()
         self.stop_strings = list(stop_strings)
         self.force_batched = False  # tests: run a single row through the batched loop too
+        self._compiled = None
 
     # ------------------------------------------------------------------ API
     def generate(self, prompts: Sequence[Sequence[int] | str], reference: Sequence[Sequence[int]] | None = None,
@@ -153,18 +157,32 @@ class FluidDecoder:
         return text
 
     # ------------------------------------------------------------- decoding
+    def _decoder(self, cfg: DecodeConfig):
+        """The transformer body to run: the model's own, or (``compile``) one compiled copy of it."""
+        if not cfg.compile:
+            return None
+        if self._compiled is None:
+            import torch._dynamo
+
+            # shapes vary by design (rows leave, blocks and the cache change length): allow more
+            # recompiles than the default before dynamo falls back to eager
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            body = getattr(self.model, self.model.base_model_prefix)
+            self._compiled = torch.compile(body, dynamic=True)
+        return self._compiled
+
     @torch.inference_mode()
     def _decode(self, prompts, cfg: DecodeConfig, reference) -> list[RowStats]:
         stats = [RowStats() for _ in prompts]
         if cfg.algorithm == "fluid":
             batch = DecodeBatch(self.model, prompts, self.pad_id, lane=self._caps(cfg, len(prompts))[1],
-                                mask_token_id=self.mask_id)
+                                mask_token_id=self.mask_id, decoder=self._decoder(cfg))
             if len(prompts) == 1 and cfg.horizon != "oracle" and not self.force_batched:
                 self._decode_fluid_one(batch, stats[0], cfg)
             else:
                 self._decode_fluid(batch, stats, cfg, reference)
             return stats
-        batch = DecodeBatch(self.model, prompts, self.pad_id)
+        batch = DecodeBatch(self.model, prompts, self.pad_id, decoder=self._decoder(cfg))
         while batch.size:
             if cfg.algorithm == "ar":
                 accepted = self._ar_step(batch, stats)
