@@ -88,7 +88,8 @@ def main(argv=None):
     ids = [encode(tok, pr.question, chat=True) for pr in probs]
     answers = [str(pr.answer) for pr in probs]
     base = DecodeConfig(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max,
-                        confidence=args.confidence, lane_len=args.lane_len, token_budget=args.token_budget or None, compile=args.compile)
+                        confidence=args.confidence, lane_len=args.lane_len, token_budget=args.token_budget or None,
+                        compile=args.compile)
     dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=base)
     dec.generate(ids[:4], algorithm="ar", batch_size=4)  # warm-up
     dec.generate(ids[:4], horizon="fixed", batch_size=4)
@@ -131,7 +132,8 @@ def main(argv=None):
                       "max_new_tokens": args.max_new_tokens, "device": args.device, "threads": args.threads,
                       "fixed_k_calibration_tokens_per_s": calib, "best_fixed_k": best_k,
                       "k_min": args.k_min, "k_max": args.k_max, "confidence": args.confidence,
-                      "lane_len": args.lane_len, "token_budget": args.token_budget, "repeats": args.repeats, "compile": args.compile,
+                      "lane_len": args.lane_len, "token_budget": args.token_budget, "repeats": args.repeats,
+                      "compile": args.compile,
                       "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
