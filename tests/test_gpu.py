@@ -1,5 +1,6 @@
 """CUDA-only checks (``make test-gpu``): the flex-attention training path against the dense
-oracle (outputs and gradients), bf16 training, and a DeepSpeed ZeRO-2 fit."""
+oracle (outputs and gradients), bf16 training, a DeepSpeed ZeRO-2 fit, and decoding on CUDA
+(lossless in fp32, running in bf16, compiled)."""
 
 import pytest
 import torch
@@ -64,3 +65,39 @@ def test_deepspeed_zero2_stage1_fit(tmp_path, cache_dir, tiny_checkpoint):
                        f"backbone.path={tiny_checkpoint}"], tmp_path, cache_dir)
     metrics = train(cfg)
     assert metrics["status"] == "completed" and metrics["train/steps"] == 3
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_fluid_decoding_on_cuda_fp32_is_lossless(batch_size):
+    from tests.test_decoding_fluid import VOCAB, ar_reference, decoder, prompts
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 verification: exact AR argmax
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=1).cuda()
+    ps = prompts(6, seed=2)
+    ref = ar_reference(model, ps, 24)
+    for horizon in ("head", "fixed"):
+        dec = decoder(model, horizon=horizon, fixed_k=5, k_min=2, k_max=8, batch_size=batch_size,
+                      max_new_tokens=24, confidence=0.3)
+        dec.head.cuda()
+        out = dec.generate(ps)
+        assert out["tokens"] == ref, horizon
+        assert all(sum(r.accepted) == len(r.tokens) == 24 for r in out["rows"])
+
+
+def test_fluid_decoding_runs_in_bf16_and_compiled_on_cuda():
+    from tests.test_decoding_fluid import ar_reference, constant_model, decoder, prompts
+
+    model = constant_model().cuda().to(torch.bfloat16)
+    ps = prompts(4, seed=4)
+    dec = decoder(model, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=32, batch_size=4,
+                  confidence=0.3)
+    out = dec.generate(ps)
+    for row in out["rows"]:
+        assert len(row.tokens) == 32 and sum(row.accepted) == 32
+    assert out["tpf"] > 2  # perfect drafts: whole blocks accepted in bf16 too
+    fp32 = constant_model().cuda()
+    ref = ar_reference(fp32, ps, 16)
+    compiled = decoder(fp32, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=16, confidence=0.3,
+                       compile=True)
+    for bs in (1, 4):
+        assert compiled.generate(ps, batch_size=bs)["tokens"] == ref
