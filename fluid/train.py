@@ -67,9 +67,24 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _one_console_log() -> None:
+    """Lightning gives its loggers a console handler of their own when it is imported; under
+    Hydra, whose root handlers already print (and write train.log), every line came out twice."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
+
+    _one_console_log()
 
     from fluid.backbones.spec import BackboneSpec
     from fluid.utils.runinfo import git_revision, write_json

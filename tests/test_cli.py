@@ -58,3 +58,24 @@ def test_final_validation_only_when_the_last_one_was_early():
     assert not _needs_final_validation(trainer(40, limit=0))
     assert not _needs_final_validation(trainer(1, fdr=True))
     assert not _needs_final_validation(trainer(40, interval=0.5))  # a fraction of an epoch: Lightning's own
+
+
+def test_lightning_lines_are_logged_once_under_hydra():
+    """Under Hydra (root handlers set) Lightning's own console handlers go: one line per message."""
+    import logging
+
+    import lightning  # noqa: F401  (installs its handlers)
+
+    from fluid.train import _one_console_log
+
+    root = logging.getLogger()
+    added = logging.StreamHandler()
+    root.addHandler(added)
+    try:
+        _one_console_log()
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lg = logging.getLogger(name)
+            assert lg.propagate
+            assert not [h for h in lg.handlers if type(h) is logging.StreamHandler], name
+    finally:
+        root.removeHandler(added)
