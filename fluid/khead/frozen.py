@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from fluid.data.sft import IGNORE
 from fluid.decoding.engine import decoder_and_lm_head
 from fluid.decoding.masks import to_float_mask
-from fluid.khead.targets import lane_slot_losses
+from fluid.khead.targets import lane_slot_losses, lane_slots
 from fluid.lanes.attention import AttentionBackend, attention_mask_for
 from fluid.lanes.expand import LaneBatch
 
@@ -59,16 +59,11 @@ def expanded_lane_losses(model, lb: LaneBatch, horizon: int, backend: AttentionB
 def lanes_of(lb: LaneBatch, horizon: int, pad_input: int):
     """Every lane of ``lb`` as a row of exactly ``horizon`` slots: (row, anchor position,
     inputs, targets, number of slots it has); missing slots get ``pad_input`` and no target."""
-    slot_mask = lb.valid & ~lb.is_main & (lb.slot >= 1)
-    rows, cols = torch.nonzero(slot_mask, as_tuple=True)
-    first = slot_mask & (lb.slot == 1)
-    a_rows, a_cols = torch.nonzero(first, as_tuple=True)
-    lane_no = torch.cumsum(first[rows, cols].long(), 0) - 1
+    rows, cols, lane_no, j, (a_rows, a_cols) = lane_slots(lb)
     n = len(a_rows)
     dev = lb.input_ids.device
     inputs = torch.full((n, horizon), pad_input, dtype=torch.long, device=dev)
     targets = torch.full((n, horizon), IGNORE, dtype=torch.long, device=dev)
-    j = lb.slot[rows, cols] - 1
     inputs[lane_no, j] = lb.input_ids[rows, cols]
     targets[lane_no, j] = lb.targets[rows, cols]
     lengths = torch.bincount(lane_no, minlength=n)

@@ -11,26 +11,31 @@ import torch
 from fluid.lanes.expand import LaneBatch
 
 
+def lane_slots(lb: LaneBatch):
+    """Where the lanes of ``lb`` are: every slot's ``(row, col)``, its lane number (lanes are
+    contiguous, numbered in (row, column) order) and slot index ``j`` (0-based), and each lane's
+    ``(row, col)`` of slot 1."""
+    slot_mask = lb.valid & ~lb.is_main & (lb.slot >= 1)
+    rows, cols = torch.nonzero(slot_mask, as_tuple=True)
+    first = slot_mask & (lb.slot == 1)
+    a_rows, a_cols = torch.nonzero(first, as_tuple=True)
+    lane_no = torch.cumsum(first[rows, cols].long(), 0) - 1
+    return rows, cols, lane_no, lb.slot[rows, cols] - 1, (a_rows, a_cols)
+
+
 def lane_slot_losses(ce: torch.Tensor, lb: LaneBatch, horizon: int):
     """Gather per-token losses ``ce (B, L)`` into lanes.
 
     Returns ``losses (A, K)``, ``valid (A, K)`` (slot exists and has a target), the
     ``(row, expanded index)`` of each lane's anchor main token, for every lane in the batch.
     """
-    slot_mask = lb.valid & ~lb.is_main & (lb.slot >= 1)
-    rows, cols = torch.nonzero(slot_mask, as_tuple=True)
-    first = slot_mask & (lb.slot == 1)
-    a_rows, a_cols = torch.nonzero(first, as_tuple=True)
-    anchor_idx = a_cols - 1  # the anchor's main token directly precedes slot 1
+    rows, cols, lane_no, j, (a_rows, a_cols) = lane_slots(lb)
     n = len(a_rows)
-    # lane number of every slot: lanes are contiguous, numbered in (row, column) order
-    lane_no = torch.cumsum(first[rows, cols].long(), 0) - 1
     losses = torch.zeros((n, horizon), dtype=ce.dtype, device=ce.device)
     valid = torch.zeros((n, horizon), dtype=torch.bool, device=ce.device)
-    j = lb.slot[rows, cols] - 1
     losses[lane_no, j] = ce[rows, cols]
     valid[lane_no, j] = lb.targets[rows, cols] >= 0
-    return losses, valid, (a_rows, anchor_idx)
+    return losses, valid, (a_rows, a_cols - 1)  # the anchor's main token directly precedes slot 1
 
 
 def k_star(losses: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
