@@ -194,6 +194,12 @@ def test_bad_config_is_named():
         DecodeConfig(token_budget=1).validate()
 
 
+def test_fill_threshold_follows_verification_unless_set():
+    assert DecodeConfig().fill_threshold == 0.3                  # lossless: drafting eagerly pays
+    assert DecodeConfig(verify=False).fill_threshold == 0.9      # lossy: DESIGN's reference
+    assert DecodeConfig(confidence=0.5, verify=False).fill_threshold == 0.5
+
+
 @pytest.mark.slow
 def test_compiled_body_gives_the_same_tokens():
     """decode.compile runs a torch.compile of the transformer body: same tokens, every algorithm."""
