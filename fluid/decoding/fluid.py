@@ -98,17 +98,20 @@ class DecodeConfig:
         return self
 
 
-def fill_drafts(block: torch.Tensor, need: torch.Tensor, logits: torch.Tensor, confidence: float,
-                offset: int = 0) -> None:
-    """Fill empty slots in place. Slot ``s`` (>= 1) is predicted by ``logits[:, offset + s - 1]``.
+def top_token(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax of ``logits (..., V)`` and its softmax probability, without the full softmax."""
+    top_logit, tok = logits.max(-1)
+    return torch.exp(top_logit - torch.logsumexp(logits, -1)), tok
+
+
+def fill_drafts(block: torch.Tensor, need: torch.Tensor, logits: torch.Tensor, confidence: float) -> None:
+    """Fill empty slots in place. Slot ``s`` (>= 1) is predicted by ``logits[:, s - 1]``.
 
     The first empty slot of each row takes its argmax; later empty slots only when their
     top probability exceeds ``confidence``.
     """
     w = block.shape[1]
-    pred_logits = logits[:, offset: offset + w - 1]
-    probs = torch.softmax(pred_logits.float(), -1)
-    top_p, top = probs.max(-1)                      # (B, W-1) for slots 1..W-1
+    top_p, top = top_token(logits[:, : w - 1].float())  # (B, W-1) for slots 1..W-1
     slots_need = need[:, 1:]
     first = slots_need & (torch.cumsum(slots_need.long(), -1) == 1)
     take = slots_need & (first | (top_p > confidence))
@@ -231,21 +234,13 @@ class FluidDecoder:
             k = torch.full((batch.size,), cfg.k_max, dtype=torch.long, device=batch.device)
         return k.clamp(min=cfg.k_min, max=cfg.k_max)
 
-    def _draft(self, batch: DecodeBatch, stats, cfg: DecodeConfig, k: torch.Tensor,
-               drafts: torch.Tensor | None) -> torch.Tensor:
-        """A filled block (B, W); slots >= k of a row stay MASK (they lead the next lane)."""
+    def _draft(self, batch: DecodeBatch, stats, cfg: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
+        """A filled block (B, W) by draft forwards until full; slots >= k of a row stay MASK."""
         w = int(k.max())
         block = torch.full((batch.size, w), self.mask_id, dtype=torch.long, device=batch.device)
         block[:, 0] = batch.pending.argmax(-1)
         need = torch.arange(w, device=batch.device)[None, :] < k[:, None]
         need[:, 0] = False
-        if drafts is not None:  # the shared verify forward already drafted this block (rows without: NaN)
-            has = ~torch.isnan(drafts[:, 0, 0])
-            if bool(has.any()):
-                sub = need[has]
-                sub_block = block[has]
-                fill_drafts(sub_block, sub, drafts[has, :w], cfg.fill_threshold)
-                block[has], need[has] = sub_block, sub
         pos = batch.next_pos[:, None] + torch.arange(w, device=batch.device)[None, :]
         while bool(need.any()):
             active = need.any(-1)
@@ -300,8 +295,8 @@ class FluidDecoder:
         lane_p = lane_tok = None                   # next-block drafts from a shared lane
         slot = np.arange(kmax)[None, :]
         if batch.lane_logits is not None:          # the prefill drafted the first block
-            top_logit, top_t = batch.lane_logits.max(-1)
-            p = torch.exp(top_logit - torch.logsumexp(batch.lane_logits, -1)).cpu().numpy()
+            p, top_t = top_token(batch.lane_logits)
+            p = p.cpu().numpy()
             m = min(p.shape[1], kmax)
             lane_p = np.full((n, kmax), -1.0)
             lane_p[:, :m] = p[:, :m]
@@ -342,9 +337,8 @@ class FluidDecoder:
             for r, f in zip(batch.rows.tolist(), full.tolist()):
                 stats[r].nfe += 1
                 stats[r].draft_forwards += not f
-            top_logit, top_t = logits.max(-1)
-            top_p = torch.exp(top_logit - torch.logsumexp(logits, -1)).cpu().numpy()
-            ar = top_t.cpu().numpy()                  # ar[:, j]: the AR token for slot j + 1 (and its draft)
+            top_p, top_t = top_token(logits)
+            top_p, ar = top_p.cpu().numpy(), top_t.cpu().numpy()  # ar[:, j]: the AR token for slot j + 1
             rows = np.arange(n)
             # verification: the leading run of filled inputs that equal the AR argmax before them
             w = min(q, kmax)
@@ -415,8 +409,8 @@ class FluidDecoder:
         next_pos = int(batch.next_pos[0])
         lane = None                                # (top prob, token) per slot of the next block
         if batch.lane_logits is not None:          # the prefill drafted the first block
-            top_logit, top_t = batch.lane_logits[0].max(-1)
-            lane = (torch.exp(top_logit - torch.logsumexp(batch.lane_logits[0], -1)).tolist(), top_t.tolist())
+            p, t = top_token(batch.lane_logits[0])
+            lane = (p.tolist(), t.tolist())
             batch.lane_logits = None
         while True:
             # a new block: horizon from the head; slot 0 exact, later slots from the lane's drafts
@@ -438,9 +432,8 @@ class FluidDecoder:
                                                torch.arange(next_pos, next_pos + q, device=dev)[None])
                 row.nfe += 1
                 row.draft_forwards += not full
-                top_logit, top_t = logits[0].max(-1)
-                top_p = torch.exp(top_logit - torch.logsumexp(logits[0], -1)).tolist()
-                ar = top_t.tolist()
+                p, t = top_token(logits[0])
+                top_p, ar = p.tolist(), t.tolist()
                 c = 1  # verification: the leading run of filled slots equal to the AR argmax before them
                 while c < blen and filled[c] and (not cfg.verify or win[c] == ar[c - 1]):
                     c += 1
@@ -505,7 +498,7 @@ class FluidDecoder:
         the committed segment with one more forward instead of reusing the verify KV."""
         k = self._horizon(batch, cfg) if cfg.horizon != "oracle" else torch.full(
             (batch.size,), cfg.k_max, device=batch.device)
-        block = self._draft(batch, stats, cfg, k, None)
+        block = self._draft(batch, stats, cfg, k)
         w = block.shape[1]
         pos = batch.next_pos[:, None] + torch.arange(w, device=batch.device)[None, :]
         logits, hidden = batch.forward(block, pos)
