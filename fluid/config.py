@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -15,6 +16,11 @@ def auto_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
+def subdir(base: str | None, name: str) -> str | None:
+    """``${fluid.subdir:BASE,NAME}``: ``BASE/NAME``, or null when BASE is unset (null or empty)."""
+    return f"{base}/{name}" if base else None
+
+
 def register_resolvers() -> None:
     from fluid.sweep import sweep_group
 
@@ -22,12 +28,23 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("fluid.auto_precision", auto_precision)
     if not OmegaConf.has_resolver("fluid.sweep_group"):
         OmegaConf.register_new_resolver("fluid.sweep_group", sweep_group)
+    if not OmegaConf.has_resolver("fluid.subdir"):
+        OmegaConf.register_new_resolver("fluid.subdir", subdir)
+
+
+def _with_default_paths(**nodes) -> DictConfig:
+    return OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml"), **nodes})
 
 
 def default_path(key: str) -> str:
     """A ``paths.<key>`` of ``conf/paths/default.yaml`` resolved outside Hydra (for scripts)."""
-    cfg = OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml")})
-    return str(OmegaConf.select(cfg, f"paths.{key}", throw_on_missing=True))
+    return str(OmegaConf.select(_with_default_paths(), f"paths.{key}", throw_on_missing=True))
+
+
+def default_backbone_path(option: str) -> str:
+    """``backbone.path`` of ``conf/backbone/<option>.yaml`` resolved outside Hydra (for scripts)."""
+    cfg = _with_default_paths(backbone=OmegaConf.load(CONF_DIR / "backbone" / f"{option}.yaml"))
+    return str(OmegaConf.select(cfg, "backbone.path", throw_on_missing=True))
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
@@ -49,6 +66,33 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> st
             v = v.strip()
             if v and v != "null" and v not in options:
                 return f"{key}={v}: unknown option for '{key}'; choose from: {', '.join(options)}"
+    return _check_recipe(overrides, conf_dir)
+
+
+# conf/experiment/<backbone>_stage<N>.yaml: a backbone's recipe for one stage, which train.yaml
+# applies on its own (`experiment: ${backbone}_stage${stage}`); it holds values, not choices
+RECIPE = re.compile(r"(?P<backbone>\w+)_stage(?P<stage>\d+)$")
+
+
+def _default_choice(group: str, conf_dir: Path) -> str | None:
+    for d in OmegaConf.load(conf_dir / "train.yaml").get("defaults", []):
+        if isinstance(d, DictConfig) and group in d:
+            return str(d[group])
+    return None
+
+
+def _check_recipe(overrides: list[str], conf_dir: Path) -> str | None:
+    """``experiment=tiny_stage1`` without ``stage=1``: its values would land on another stage."""
+    chosen = dict(ov.split("=", 1) for ov in overrides if "=" in ov and not ov.startswith(("+", "~", "hydra")))
+    for name in chosen.get("experiment", "").split(","):
+        m = RECIPE.match(name.strip())
+        if not m or not (conf_dir / "backbone" / f"{m['backbone']}.yaml").exists():
+            continue
+        for group in ("stage", "backbone"):
+            got = chosen.get(group, _default_choice(group, conf_dir)) or ""
+            if any(g.strip().strip("'\"") != m[group] for g in got.split(",")):
+                return (f"experiment={name.strip()}: the {m['backbone']} backbone's stage-{m['stage']} recipe, applied "
+                        f"on its own by `stage={m['stage']} backbone={m['backbone']}`; run that instead")
     return None
 
 

@@ -11,29 +11,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, register_resolvers
+from fluid.decoding.config import DecodeConfig, register_decode_config
 from fluid.utils.errors import FluidConfigError
 
 register_resolvers()
-
-
-def load_for_decoding(checkpoint: str, dtype: torch.dtype, device: str, mask_token_id: int | None = None):
-    """(model, head or None, tokenizer, mask id) from a stage-2 or plain/stage-1 HF directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fluid.modules.hybrid import read_fluid_json
-    from fluid.modules.khead import load_fluid_model
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FluidConfigError("checkpoint", f"{checkpoint!r} does not exist", "run stages 0-2 first or point at one")
-    meta = read_fluid_json(path)
-    if meta.get("stage") == 2:
-        model, head, tok, meta = load_fluid_model(path, dtype=dtype, device=device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        tok, head = AutoTokenizer.from_pretrained(path), None
-    mask = mask_token_id if mask_token_id is not None else meta.get("mask_token_id", tok.mask_token_id)
-    return model, head, tok, mask
+register_decode_config()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_prompts(cfg: DictConfig) -> list:
@@ -65,11 +48,14 @@ def encode(tok, prompt, chat: bool) -> list[int]:
 
 
 def run(cfg: DictConfig) -> dict:
-    from fluid.decoding.fluid import DecodeConfig, FluidDecoder
+    from fluid.checkpoint import load_fluid
+    from fluid.decoding import FluidDecoder
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model, head, tok, mask = load_for_decoding(cfg.checkpoint, dtype, device, cfg.mask_token_id)
+    dtype = DTYPES[cfg.dtype]
+    fm = load_fluid(cfg.checkpoint, device=device, dtype=dtype)
+    model, head, tok = fm.model, fm.head, fm.tokenizer
+    mask = cfg.mask_token_id if cfg.mask_token_id is not None else fm.mask_token_id
     dcfg = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
     if dcfg.algorithm == "fluid" and dcfg.horizon == "head" and head is None:
         raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",

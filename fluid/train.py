@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
         metrics["train/steps"] = trainer.global_step
         metrics["train/wall_time_s"] = time.perf_counter() - t0
-        ckpt = module.export_hf(run_dir / "checkpoint", extra=_export_meta(cfg))
+        ckpt = module.export_hf(run_dir / "checkpoint", **_export_meta(cfg))
         metrics["checkpoint_dir"] = str(ckpt.resolve())
         publish = cfg.stage.get("publish") or (spec.path if from_scratch else None)
         if publish and cfg.get("publish", True):

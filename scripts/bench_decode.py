@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from omegaconf import OmegaConf  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
 
-from fluid.config import CONF_DIR, default_path  # noqa: E402
-from fluid.data.arith import ArithTask  # noqa: E402
-from fluid.decoding.fluid import DecodeConfig, FluidDecoder  # noqa: E402
+from fluid.checkpoint import load_fluid  # noqa: E402
+from fluid.decoding import DecodeConfig, FluidDecoder  # noqa: E402
 from fluid.eval.answers import exact_match  # noqa: E402
-from fluid.generate import encode, load_for_decoding  # noqa: E402
+from fluid.generate import encode  # noqa: E402
+from fluid.utils.compose import compose  # noqa: E402
 
 
 def measure(dec: FluidDecoder, ids, answers, specs: dict[str, dict], repeats: int = 1) -> dict[str, dict]:
@@ -62,13 +62,14 @@ def measure(dec: FluidDecoder, ids, answers, specs: dict[str, dict], repeats: in
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen = compose("generate")  # the decoding defaults and the default checkpoint, in one place
     p.add_argument("--out", required=True)
-    p.add_argument("--checkpoint", default=f"{default_path('artifacts_dir')}/tiny-stage2")
+    p.add_argument("--checkpoint", default=gen.checkpoint)
     p.add_argument("--n", type=int, default=64, help="test prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--fixed-k", default="2,4,6,8,12,16")
     p.add_argument("--calibration", type=int, default=16, help="prompts used to pick the best fixed K")
-    dflt = OmegaConf.load(CONF_DIR / "generate.yaml").decode  # the decoding defaults, in one place
+    dflt = gen.decode
     p.add_argument("--k-min", type=int, default=dflt.k_min)
     p.add_argument("--k-max", type=int, default=dflt.k_max)
     p.add_argument("--confidence", type=float, default=dflt.confidence)
@@ -82,9 +83,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, head, tok, mask = load_for_decoding(args.checkpoint, torch.float32, args.device)
-    src = OmegaConf.load(CONF_DIR / "data" / "arith.yaml").source  # the task the model was trained on
-    probs = ArithTask(seed=src.seed, max_operand=src.max_operand, families=src.families).problems("test", args.n)
+    fm = load_fluid(args.checkpoint, device=args.device, dtype=torch.float32)
+    model, head, tok, mask = fm.model, fm.head, fm.tokenizer, fm.mask_token_id
+    src = instantiate(compose("train", ["data=arith"]).data.source)  # the task the model was trained on
+    probs = src.task.problems("test", args.n)
     ids = [encode(tok, pr.question, chat=True) for pr in probs]
     answers = [str(pr.answer) for pr in probs]
     base = DecodeConfig(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max,

@@ -2,8 +2,8 @@
 """Training-step benchmark for stage 1 (and stage 2 once it exists): tokens/s and peak memory.
 
 Cases, all on the same expanded batch and the same model, trained as stage 1 trains the
-embedded backbone (``--finetune``: full fine-tuning by default, as conf/backbone/tiny.yaml
-says; ``--finetune lora`` for LoRA r=16 as on the real backbones):
+embedded backbone (``--finetune``: full fine-tuning by default, as the composed stage-1
+recipe says; ``--finetune lora`` for LoRA r=16 as on the real backbones):
   (a) dense   : our lane expansion + a 4-D float mask in the model dtype (SDPA)
   (b) flex    : our lane expansion + a flex-attention BlockMask (CUDA only)
   (c) ref     : reference-style: a full float32 (B,1,L,L) mask with -inf built per batch
@@ -43,10 +43,12 @@ def build(args):
     from fluid.backbones.spec import BackboneSpec
     from fluid.backbones.tokens import noise_token_ids, resolve_mask_token
     from fluid.data.arith import ArithTask
-    from fluid.data.sft import IGNORE, SFTDataset, collate_sft
+    from fluid.data.sft import SFTDataset, collate_sft
     from fluid.data.tokenizer import build_arith_tokenizer
     from fluid.lanes import FluidSchedule, expand_lanes
+    from fluid.lanes.attention import FLEX_BLOCK_SIZE
     from fluid.modules.lora import LoraSettings, apply_lora
+    from fluid.nn import IGNORE
 
     torch.manual_seed(0)
     from fluid.config import default_path
@@ -55,7 +57,7 @@ def build(args):
     tok = build_arith_tokenizer(cache)
     scratch = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                    num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 48),
-                   max_position_embeddings=max(4096, 2 * args.seq_len + 64), tie_word_embeddings=True)
+                   max_position_embeddings=max(4096, 2 * args.seq_len), tie_word_embeddings=True)
     spec = BackboneSpec(name="bench", scratch=scratch, dtype=args.dtype, mask_token="<|mask|>")
     model = spec.build_model(from_scratch=True, vocab_size=len(tok)).to(args.device)
     mask_id, _ = resolve_mask_token(tok, model, spec.mask_token)
@@ -74,17 +76,15 @@ def build(args):
     lb = expand_lanes(batch["input_ids"], batch["labels"], batch["attention_mask"], FluidSchedule(),
                       mask_token_id=mask_id, noise_token_ids=noise_token_ids(tok, len(tok)),
                       pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
-                      pad_to_multiple=128 if args.device == "cuda" else 1)
-    return model, lb.to(args.device), batch, mask_id
+                      pad_to_multiple=FLEX_BLOCK_SIZE if args.device == "cuda" else 1)  # whole flex tiles
+    return model, lb.to(args.device), batch, mask_id, tok.pad_token_id
 
 
 def default_finetune() -> str:
-    """The embedded backbone's stage-1 setting (conf/backbone/tiny.yaml: stage1_lora)."""
-    from omegaconf import OmegaConf
+    """The embedded pipeline's stage-1 setting (its composed recipe: stage.module.lora.enabled)."""
+    from fluid.utils.compose import compose
 
-    from fluid.config import CONF_DIR
-
-    return "lora" if OmegaConf.load(CONF_DIR / "backbone" / "tiny.yaml").get("stage1_lora", True) else "full"
+    return "lora" if compose("train", ["stage=1"]).stage.module.lora.enabled else "full"
 
 
 def reference_mask(lb) -> torch.Tensor:
@@ -110,13 +110,14 @@ def reference_mask(lb) -> torch.Tensor:
     return mask.to(lb.input_ids.device)
 
 
-def khead_setup(model, batch, mask_id, horizon=16):
+def khead_setup(model, batch, mask_id, pad_id, horizon=16):
     """Stage 2 on the same input batch: its own (full-lane) expansion and a fresh head."""
     from fluid.khead import KHead
     from fluid.lanes import FullLanes, expand_lanes
+    from fluid.modules.khead import NO_NOISE
 
     lb = expand_lanes(batch["input_ids"], batch["labels"], batch["attention_mask"], FullLanes(0.5, horizon),
-                      mask_token_id=mask_id, noise_token_ids=torch.tensor([0]), pad_token_id=0,
+                      mask_token_id=mask_id, noise_token_ids=NO_NOISE, pad_token_id=pad_id,
                       generator=torch.Generator().manual_seed(0))
     base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # stage 2 loads a merged model
     base.requires_grad_(False)
@@ -167,11 +168,11 @@ def step(model, opt, case, lb):
 def run_case(case, args, queue):
     try:
         torch.set_num_threads(args.threads)
-        model, lb, batch, mask_id = build(args)
+        model, lb, batch, mask_id, pad_id = build(args)
         if case.startswith("khead"):
             from fluid.khead.frozen import resolve_lane_forward
 
-            model, head, lb = khead_setup(model, batch, mask_id)
+            model, head, lb = khead_setup(model, batch, mask_id, pad_id)
             lb = lb.to(args.device)
             batch = {k: v.to(args.device) for k, v in batch.items()}
             opt = torch.optim.AdamW(head.parameters(), lr=1e-3)

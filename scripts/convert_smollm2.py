@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
 from fluid.backbones.smollm2 import convert_smollm2
+from fluid.config import default_backbone_path
 
 
 def default_out() -> Path:
-    cache = Path(os.environ.get("FLUID_CACHE", "~/.cache/fluid")).expanduser()
-    return cache / "smollm2-135m-instruct"
+    """Where ``backbone=smollm2_135m`` loads it from (its ``path``: under ``paths.cache_dir``)."""
+    return Path(default_backbone_path("smollm2_135m"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_out(),
-                        help="output folder (default: $FLUID_CACHE/smollm2-135m-instruct, "
-                             "FLUID_CACHE defaults to ~/.cache/fluid)")
+                        help="output folder (default: %(default)s, the path backbone=smollm2_135m loads; "
+                             "under $FLUID_CACHE when set)")
     parser.add_argument("--force", action="store_true", help="reconvert even if the folder is complete")
     args = parser.parse_args()
 

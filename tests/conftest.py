@@ -83,3 +83,73 @@ def tiny_checkpoint(tmp_path_factory, arith_tokenizer) -> Path:
     model.save_pretrained(out)
     arith_tokenizer.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- token-id helpers (no tokenizer)
+# The tiny random models take raw ids: 0 is padding, 3 the MASK token, ids >= 4 ordinary tokens.
+PAD_ID, MASK_ID = 0, 3
+LANE_VOCAB = 128                      # lane-expansion and stage-2 tests
+NOISE = torch.arange(4, LANE_VOCAB)   # noise tokens are never special
+DECODE_VOCAB = 96                     # decoding tests
+
+
+def random_prompts(n: int, vocab: int, seed: int = 0, lo: int = 2, hi: int = 15) -> list[list[int]]:
+    """``n`` prompts of ordinary token ids (>= 4), of random lengths in ``[lo, hi)``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def make_batch(lengths=(20, 14, 9), prompt=(5, 3, 4), seed=0):
+    """A right-padded SFT batch ``(input_ids, labels, attention_mask)``: row ``r`` has ``lengths[r]``
+    tokens, the first ``prompt[r]`` of them the prompt (unsupervised)."""
+    from fluid.nn import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), PAD_ID)
+    labels = torch.full((len(lengths), n), IGNORE)
+    am = torch.zeros((len(lengths), n), dtype=torch.long)
+    for r, (m, p) in enumerate(zip(lengths, prompt)):
+        ids[r, :m] = torch.randint(4, LANE_VOCAB, (m,), generator=g)
+        labels[r, p - 1: m - 1] = ids[r, p:m]
+        am[r, :m] = 1
+    return ids, labels, am
+
+
+class Tok:
+    """The few tokenizer attributes the decoder uses (ids only; texts are not needed)."""
+
+    mask_token_id, pad_token_id = MASK_ID, PAD_ID
+
+    def __init__(self, eos=None):
+        self.eos_token_id = eos
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def constant_model(seed: int = 3, vocab_size: int = DECODE_VOCAB):
+    """Every token (MASK included) embeds to the same vector: perfect drafts, whole blocks accepted."""
+    model = tiny_model("llama", vocab_size=vocab_size, seed=seed)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb[5].expand_as(emb))
+    return model
+
+
+def ar_reference(model, prompts, max_new: int, eos: int | None = None) -> list[list[int]]:
+    """Greedy AR continuations: what every lossless decoding must reproduce."""
+    from fluid.decoding.ar import greedy_generate
+
+    return greedy_generate(model, prompts, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD_ID).tokens
+
+
+def fluid_decoder(model, eos: int | None = None, seed: int = 0, **cfg):
+    """A ``FluidDecoder`` over ``model`` with a random 16-class K-head (seeded) and ``DecodeConfig(**cfg)``."""
+    from fluid.decoding import DecodeConfig, FluidDecoder
+    from fluid.khead import KHead
+
+    torch.manual_seed(seed)
+    head = KHead(model.config.hidden_size, 16).to(next(model.parameters()).device)
+    return FluidDecoder(model, Tok(eos), head=head, config=DecodeConfig(**cfg))

@@ -8,9 +8,10 @@ import torch
 from transformers import AutoTokenizer
 
 from fluid.backbones.spec import BackboneSpec
+from fluid.checkpoint import CheckpointMeta, load_fluid
 from fluid.data import ArithSource, SFTDataModule
 from fluid.khead import KHead, k_star, kl_to_soft_labels, soft_labels
-from fluid.modules.khead import KHeadModule, load_fluid_model
+from fluid.modules.khead import KHeadModule
 
 
 def stage1_like(tiny_checkpoint, tmp_path):
@@ -47,8 +48,10 @@ def test_backbone_bit_identical_and_only_head_saved(tiny_checkpoint, tmp_path):
     assert sum(module.histograms["target_k"]) > 0
     out = module.export_hf(tmp_path / "stage2")
     assert sorted(p.name for p in out.iterdir()) == ["fluid.json", "khead.safetensors"]
-    model, head, tok2, meta = load_fluid_model(out)
-    assert meta["stage1_checkpoint"] == str(ckpt.resolve()) and head.horizon == 6
+    fm = load_fluid(out)
+    head, tok2, meta = fm.head, fm.tokenizer, fm.meta
+    assert meta == CheckpointMeta.read(out) and meta.stage == 2
+    assert meta.stage1_checkpoint == str(ckpt.resolve()) and head.horizon == 6
     torch.testing.assert_close(head.net[0].weight, module.head.net[0].weight)
     assert len(tok2) == len(tok)
 

@@ -15,6 +15,31 @@ from fluid.backbones.smollm2 import convert_smollm2, ensure_smollm2, gguf_locati
 PROMPT = "The capital of France is"
 
 
+def test_convert_script_writes_where_the_backbone_reads(monkeypatch, tmp_path):
+    """scripts/convert_smollm2.py defaults to backbone=smollm2_135m's own path (paths.cache_dir)."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fluid.config import CONF_DIR
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("convert_smollm2", ROOT / "scripts" / "convert_smollm2.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for cache in (None, str(tmp_path / "cache")):
+        if cache:
+            monkeypatch.setenv("FLUID_CACHE", cache)
+        else:
+            monkeypatch.delenv("FLUID_CACHE", raising=False)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["backbone=smollm2_135m"])
+        assert script.default_out() == Path(cfg.backbone.path)
+        assert cache is None or cfg.backbone.path.startswith(cache)
+
+
 def test_gguf_location_finds_file():
     pkg_dir, filename = gguf_location()
     assert (pkg_dir / filename).is_file()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,15 +48,18 @@ class BackboneSpec:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     prepare: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict) -> "BackboneSpec":
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         data.pop("_target_", None)
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        extra = {k: data.pop(k) for k in list(data) if k not in known}
-        spec = cls(**data, extra=extra)
+        known = list(cls.__dataclass_fields__)
+        for key in data:
+            if key not in known:
+                raise FluidConfigError(f"backbone.{key}", "is not a backbone setting",
+                                       f"a backbone config holds only {', '.join(known)}; how a stage trains "
+                                       "it belongs in conf/experiment/<backbone>_stage<N>.yaml")
+        spec = cls(**data)
         spec.validate()
         return spec
 

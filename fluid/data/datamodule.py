@@ -12,12 +12,12 @@ from fluid.data.sft import PromptDataset, SFTDataset, collate_prompts, collate_s
 
 class SFTDataModule(L.LightningDataModule):
     def __init__(self, source, tokenizer, batch_size: int = 32, eval_batch_size: int = 64,
-                 max_length: int = 512, num_workers: int = 0, seed: int = 0, name: str = "data"):
+                 max_length: int = 512, num_workers: int = 0, name: str = "data"):
         super().__init__()
         self.name = name
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.max_length, self.num_workers, self.seed = max_length, num_workers, seed
+        self.max_length, self.num_workers = max_length, num_workers
         self.train_set = self.val_set = self.test_set = None
 
     def setup(self, stage: str | None = None) -> None:

@@ -14,16 +14,16 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from fluid.nn import IGNORE
+
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    prompt_len: int
 
 
 def encode_chat(tokenizer, messages: Sequence[dict]) -> Encoded:
@@ -45,7 +45,7 @@ def encode_chat(tokenizer, messages: Sequence[dict]) -> Encoded:
     labels = [IGNORE] * len(ids)
     for i in range(len(prompt_ids) - 1, len(ids) - 1):
         labels[i] = ids[i + 1]
-    return Encoded(ids, labels, len(prompt_ids))
+    return Encoded(ids, labels)
 
 
 def encode_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:

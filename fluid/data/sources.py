@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import random
 import re
+from functools import cached_property
 from pathlib import Path
 
 from fluid.data.arith import ArithTask
 from fluid.utils.errors import FluidConfigError
-
-SPLITS = ("train", "validation", "test")
 
 
 class ArithSource:
@@ -56,20 +55,65 @@ def _limit(rows: list, n: int | None) -> list:
     return rows if n is None else rows[:n]
 
 
-class GSM8KSource:
-    """GSM8K from local ``train.jsonl``/``test.jsonl``; validation is held out of train."""
+class _ReadOnUse:
+    """A source whose splits are read on first use (``datamodule.setup``), not when Hydra builds it:
+    a missing file or data set then reaches ``fluid.train`` as one FluidConfigError line instead of
+    inside Hydra's InstantiationException."""
 
-    def __init__(self, data_dir: str, n_val: int = 200, seed: int = 0, strip_calculator: bool = True,
-                 n_train: int | None = None, n_test: int | None = None):
-        d = Path(data_dir)
-        train = [gsm8k_example(r, strip_calculator) for r in _read_jsonl(d / "train.jsonl", "data.source.data_dir")]
-        test = [gsm8k_example(r, strip_calculator) for r in _read_jsonl(d / "test.jsonl", "data.source.data_dir")]
-        random.Random(seed).shuffle(train)
-        self.splits = {"validation": train[:n_val], "train": _limit(train[n_val:], n_train),
-                       "test": _limit(test, n_test)}
+    def _read(self) -> dict[str, list[dict]]:
+        raise NotImplementedError
+
+    @cached_property
+    def splits(self) -> dict[str, list[dict]]:
+        return self._read()
 
     def examples(self, split: str) -> list[dict]:
         return self.splits[split]
+
+
+class GSM8KSource(_ReadOnUse):
+    """GSM8K: ``train.jsonl``/``test.jsonl`` from the local folder ``data_dir`` when it is set,
+    else the public copy (``hub_id``, config ``hub_config``) through the ``datasets`` library.
+    Validation is held out of train."""
+
+    KEY = "data.source.data_dir"
+
+    def __init__(self, data_dir: str | None = None, hub_id: str = "openai/gsm8k", hub_config: str = "main",
+                 n_val: int = 200, seed: int = 0, strip_calculator: bool = True, n_train: int | None = None,
+                 n_test: int | None = None):
+        self.data_dir, self.hub_id, self.hub_config = data_dir or None, hub_id, hub_config
+        self.n_val, self.seed, self.strip_calculator = n_val, seed, strip_calculator
+        self.n_train, self.n_test = n_train, n_test
+
+    def _ways(self) -> str:
+        return (f"set FLUID_DATA=DIR (DIR/gsm8k/train.jsonl, test.jsonl) or {self.KEY}=DIR (DIR/train.jsonl, "
+                f"test.jsonl) for a local copy, or `pip install datasets` to load {self.hub_id!r} (config "
+                f"{self.hub_config!r}) from the Hugging Face hub")
+
+    def _rows(self) -> dict[str, list[dict]]:
+        if self.data_dir:
+            d = Path(self.data_dir).expanduser()
+            return {s: _read_jsonl(d / f"{s}.jsonl", self.KEY) for s in ("train", "test")}
+        try:
+            import datasets
+        except ImportError:
+            raise FluidConfigError(self.KEY, "no local copy is set and the `datasets` library is not installed",
+                                   self._ways()) from None
+        try:
+            ds = datasets.load_dataset(self.hub_id, self.hub_config)
+            return {s: [dict(r) for r in ds[s]] for s in ("train", "test")}
+        except Exception as e:  # noqa: BLE001 - offline, unknown id, ...: one line either way
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FluidConfigError(self.KEY, f"no local copy is set and loading {self.hub_id!r} from the hub failed: "
+                                   f"{first}", self._ways()) from None
+
+    def _read(self) -> dict[str, list[dict]]:
+        rows = self._rows()
+        train = [gsm8k_example(r, self.strip_calculator) for r in rows["train"]]
+        test = [gsm8k_example(r, self.strip_calculator) for r in rows["test"]]
+        random.Random(self.seed).shuffle(train)
+        return {"validation": train[: self.n_val], "train": _limit(train[self.n_val:], self.n_train),
+                "test": _limit(test, self.n_test)}
 
 
 def jsonl_example(row: dict, n: int, path: str) -> dict:
@@ -85,23 +129,24 @@ def jsonl_example(row: dict, n: int, path: str) -> dict:
     return {"messages": msgs, "answer": str(answer)}
 
 
-class JsonlSource:
+class JsonlSource(_ReadOnUse):
     """A user's own JSONL: ``prompt``/``response`` or chat ``messages`` per line."""
 
     def __init__(self, train_path: str, val_path: str | None = None, test_path: str | None = None,
                  val_fraction: float = 0.05, seed: int = 0):
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.val_fraction, self.seed = val_fraction, seed
+
+    def _read(self) -> dict[str, list[dict]]:
         def load(p: str, key: str) -> list[dict]:
             return [jsonl_example(r, i + 1, p) for i, r in enumerate(_read_jsonl(Path(p), key))]
 
-        train = load(train_path, "data.source.train_path")
-        if val_path:
-            val = load(val_path, "data.source.val_path")
+        train = load(self.train_path, "data.source.train_path")
+        if self.val_path:
+            val = load(self.val_path, "data.source.val_path")
         else:
-            random.Random(seed).shuffle(train)
-            k = max(1, int(len(train) * val_fraction))
+            random.Random(self.seed).shuffle(train)
+            k = max(1, int(len(train) * self.val_fraction))
             val, train = train[:k], train[k:]
-        test = load(test_path, "data.source.test_path") if test_path else val
-        self.splits = {"train": train, "validation": val, "test": test}
-
-    def examples(self, split: str) -> list[dict]:
-        return self.splits[split]
+        test = load(self.test_path, "data.source.test_path") if self.test_path else val
+        return {"train": train, "validation": val, "test": test}

@@ -1,28 +1,54 @@
-"""Greedy autoregressive decoding with a KV cache, batched over left-padded prompts.
+"""Greedy autoregressive decoding with a KV cache, batched over left-padded prompts: the one AR
+loop, used for evaluation (:func:`greedy_generate`) and as every benchmark's baseline
+(``decode.algorithm=ar``).
 
-The plain AR loop on the shared decoding state (:class:`fluid.decoding.engine.DecodeBatch`):
-explicit position ids and a 4-D float mask, so padding never leaks and a batched result
-equals the unbatched one. ``FluidDecoder(..., algorithm="ar")`` is the same loop with
-per-row statistics; this function is the light-weight form used for evaluation.
+Explicit position ids and a 4-D float mask, so padding never leaks and a batched result equals
+the unbatched one. NFE rule (:class:`fluid.decoding.state.RowStats`): the forward that writes a
+token's KV commits it, so AR takes one forward per generated token.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from fluid.decoding.engine import DecodeBatch
+from fluid.decoding.config import DecodeConfig
+from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule
+
+ONE_PROMPT_AT_A_TIME = False
+
+
+def prefill_lane(cfg: DecodeConfig, n_rows: int) -> int:
+    return 0
+
+
+def ar_step(batch: DecodeBatch, stats: list[RowStats], rule: StopRule) -> None:
+    """One forward: every row commits its argmax token; finished rows leave the batch."""
+    tok = batch.pending.argmax(-1)
+    logits, hidden = batch.forward(tok[:, None], batch.next_pos[:, None])
+    batch.pending, batch.h_anchor = logits[:, -1], hidden[:, -1]
+    batch.next_pos = batch.next_pos + 1
+    alive = torch.ones(batch.size, dtype=torch.bool, device=batch.device)
+    for i, (r, t) in enumerate(zip(batch.rows.tolist(), tok.tolist())):
+        stats[r].nfe += 1
+        alive[i] = rule.commit(stats[r], [t], block_done=True, block_acc=1)
+    batch.keep(alive)
+    batch.compact()
+
+
+def decode(batch: DecodeBatch, stats: list[RowStats], cfg: DecodeConfig | None, ctx: Context) -> None:
+    while batch.size:
+        ar_step(batch, stats, ctx.rule)
 
 
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]
-    nfe: int = 0
+    nfe: int = 0                 # forwards of the batch (each serves every active row)
     wall_time_s: float = 0.0
-    stats: dict = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -30,20 +56,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                     pad_token_id: int) -> GenerationResult:
     """Greedy decoding; returns the new tokens of each row (up to and including EOS)."""
     t0 = time.perf_counter()
-    batch = DecodeBatch(model, prompts, pad_token_id)
-    out: list[list[int]] = [[] for _ in prompts]
-    nfe = 0
-    while batch.size:
-        tok = batch.pending.argmax(-1)
-        alive = torch.ones(batch.size, dtype=torch.bool, device=batch.device)
-        for i, r in enumerate(batch.rows.tolist()):
-            out[r].append(int(tok[i]))
-            if int(tok[i]) == eos_token_id or len(out[r]) >= max_new_tokens:
-                alive[i] = False
-        batch.keep(alive)
-        if not batch.size:
-            break
-        logits, _ = batch.forward(tok[alive][:, None], batch.next_pos[:, None])
-        batch.pending, batch.next_pos = logits[:, -1], batch.next_pos + 1
-        nfe += 1
-    return GenerationResult(out, nfe=nfe, wall_time_s=time.perf_counter() - t0)
+    stats = [RowStats() for _ in prompts]
+    decode(DecodeBatch(model, prompts, pad_token_id), stats, None,
+           Context(horizon=None, rule=StopRule(max_new_tokens, eos_token_id), mask_id=None))
+    return GenerationResult([s.tokens for s in stats], nfe=max(s.nfe for s in stats),
+                            wall_time_s=time.perf_counter() - t0)

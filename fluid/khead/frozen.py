@@ -22,14 +22,16 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from fluid.data.sft import IGNORE
-from fluid.decoding.engine import decoder_and_lm_head
-from fluid.decoding.masks import to_float_mask
 from fluid.khead.targets import lane_slot_losses, lane_slots
 from fluid.lanes.attention import AttentionBackend, attention_mask_for
 from fluid.lanes.expand import LaneBatch
+from fluid.nn import IGNORE, decoder_and_lm_head, to_float_mask, token_ce
 
 LANE_FORWARDS = ("auto", "prefix", "expanded")
+# prefix forward sizes (measured on CPU with the tiny backbone): each chunk copies its rows' KV cache
+# once per sequence, so lanes of a row share a sequence of up to SEQ_TOKENS slots, LANE_CHUNK lanes a forward
+LANE_CHUNK = 64
+SEQ_TOKENS = 64
 
 
 def resolve_lane_forward(name: str, device) -> str:
@@ -40,18 +42,13 @@ def resolve_lane_forward(name: str, device) -> str:
     return name
 
 
-def _slot_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return torch.where(targets == IGNORE, torch.zeros_like(ce), ce)
-
-
 @torch.no_grad()
 def expanded_lane_losses(model, lb: LaneBatch, horizon: int, backend: AttentionBackend = AttentionBackend.DENSE):
     decoder, lm_head = decoder_and_lm_head(model)
     mask = attention_mask_for(lb, backend, next(model.parameters()).dtype)
     hidden = decoder(input_ids=lb.input_ids, attention_mask=mask, position_ids=lb.position_ids,
                      use_cache=False).last_hidden_state
-    ce = _slot_ce(lm_head(hidden), lb.targets)
+    ce = token_ce(lm_head(hidden), lb.targets)
     losses, valid, (rows, idx) = lane_slot_losses(ce, lb, horizon)
     return hidden[rows, idx], losses, valid
 
@@ -87,7 +84,7 @@ def pack_lanes(rows: torch.Tensor, lengths: torch.Tensor, seq_tokens: int) -> li
 
 @torch.no_grad()
 def prefix_lane_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lb: LaneBatch, horizon: int,
-                       mask_token_id: int, lane_chunk: int = 64, seq_tokens: int = 64):
+                       mask_token_id: int, lane_chunk: int = LANE_CHUNK, seq_tokens: int = SEQ_TOKENS):
     """Per-slot losses of ``lb``'s lanes from a causal forward of the unexpanded right-padded
     batch, then short forwards over copies of the rows' caches (see the module docstring).
 

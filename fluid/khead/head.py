@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fluid.checkpoint import HEAD_FILE
+
 
 class KHead(nn.Module):
     def __init__(self, hidden_size: int, horizon: int):
@@ -28,9 +30,9 @@ class KHead(nn.Module):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, out / "khead.safetensors",
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, out / HEAD_FILE,
                   metadata={"hidden_size": str(self.hidden_size), "horizon": str(self.horizon)})
-        return out / "khead.safetensors"
+        return out / HEAD_FILE
 
     @classmethod
     def load(cls, path: str | Path) -> "KHead":

@@ -15,8 +15,8 @@ from enum import Enum
 
 import torch
 
-from fluid.decoding.masks import to_float_mask
 from fluid.lanes.expand import LaneBatch
+from fluid.nn import to_float_mask
 
 
 class AttentionBackend(str, Enum):
@@ -53,7 +53,11 @@ def lane_mask_mod(batch: LaneBatch):
     return mask_mod
 
 
-def block_mask(batch: LaneBatch, block_size: int = 128):
+# flex attention's tile size (its default): the BlockMask records which 128 x 128 tiles hold any allowed pair
+FLEX_BLOCK_SIZE = 128
+
+
+def block_mask(batch: LaneBatch, block_size: int = FLEX_BLOCK_SIZE):
     """Flex-attention ``BlockMask`` of the rule (compiled block construction on CUDA)."""
     from torch.nn.attention.flex_attention import create_block_mask
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from fluid.data.sft import IGNORE
 from fluid.lanes.schedules import LaneSchedule
+from fluid.nn import IGNORE
 
 MAIN, PAD = -1, -2  # lane ids of main tokens and padding; slots carry their anchor's position
 

@@ -1,5 +1,6 @@
 """Masking schedules (the ``masking`` config group): where lanes go, how long they are and
-how many of their slots are restored. A new schedule is a new subclass and a new YAML file."""
+how many of their slots are restored. A new schedule is a new subclass and a new YAML file
+(``conf/masking/<name>.yaml``: ``_target_`` plus the constructor's arguments, nothing else)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ class LaneSchedule:
     """Base: anchors i.i.d. with ``anchor_prob`` on supervised positions; subclasses choose
     lane lengths and the per-lane restoration ratio."""
 
-    name = "base"
-
-    def __init__(self, anchor_prob: float, horizon: int, noise_prob: float = 0.0, name: str | None = None):
+    def __init__(self, anchor_prob: float, horizon: int, noise_prob: float = 0.0):
         if not 0.0 <= anchor_prob <= 1.0:
             raise ValueError(f"masking.anchor_prob must be in [0, 1], got {anchor_prob}")
         if horizon < 1:
@@ -35,10 +34,8 @@ class LaneSchedule:
 class FluidSchedule(LaneSchedule):
     """DESIGN: ``k ~ U{1..K}``, ``r ~ U(0, 1)`` per lane."""
 
-    name = "fluid"
-
     def __init__(self, anchor_prob: float = 0.5, horizon: int = 16, restore: str = "uniform",
-                 noise_prob: float = 0.1, name: str | None = None):
+                 noise_prob: float = 0.1):
         super().__init__(anchor_prob, horizon, noise_prob)
         if restore not in ("uniform", "none"):
             raise ValueError(f"masking.restore must be 'uniform' or 'none', got {restore!r}")
@@ -56,10 +53,8 @@ class FluidSchedule(LaneSchedule):
 class FixedSchedule(LaneSchedule):
     """Every lane has exactly ``horizon`` slots and the same restoration ratio."""
 
-    name = "fixed"
-
     def __init__(self, anchor_prob: float = 0.25, horizon: int = 8, restore_ratio: float = 0.3,
-                 noise_prob: float = 0.0, name: str | None = None):
+                 noise_prob: float = 0.0):
         super().__init__(anchor_prob, horizon, noise_prob)
         if not 0.0 <= restore_ratio <= 1.0:
             raise ValueError(f"masking.restore_ratio must be in [0, 1], got {restore_ratio}")
@@ -75,7 +70,5 @@ class FixedSchedule(LaneSchedule):
 class FullLanes(FixedSchedule):
     """Stage 2 (DESIGN section 2): every lane has all K slots, no restoration, no noise."""
 
-    name = "full"
-
-    def __init__(self, anchor_prob: float = 0.5, horizon: int = 16, name: str | None = None):
+    def __init__(self, anchor_prob: float = 0.5, horizon: int = 16):
         super().__init__(anchor_prob, horizon, restore_ratio=0.0, noise_prob=0.0)

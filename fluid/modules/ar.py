@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from fluid.modules.base import FluidModule, masked_ce
+from fluid.modules.base import FluidModule
+from fluid.nn import masked_ce
 
 
 class ARModule(FluidModule):

@@ -3,15 +3,15 @@ accuracy and Hugging Face export. Subclasses add only their loss."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from fluid.backbones.spec import BackboneSpec
+from fluid.checkpoint import CheckpointMeta
 from fluid.decoding.ar import greedy_generate
 from fluid.eval.answers import exact_match
 from fluid.modules.optim import OptimConfig, build_optimizer
@@ -50,23 +50,17 @@ class FluidModule(L.LightningModule):
         self.log("test/accuracy", correct / n, batch_size=n, on_epoch=True, sync_dist=True)
 
     # ---------------------------------------------------------------- export
-    def export_hf(self, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Save model + tokenizer as a plain Hugging Face directory (+ ``fluid.json``)."""
+    def checkpoint_meta(self, out: Path) -> CheckpointMeta:
+        """What ``fluid.json`` says about this stage's checkpoint at ``out``."""
+        return CheckpointMeta(stage=self.stage_id, source_backbone=self.spec.name, source_path=self.spec.path,
+                              mask_token=self.tokenizer.mask_token, mask_token_id=self.tokenizer.mask_token_id)
+
+    def export_hf(self, out_dir: str | os.PathLike, **fields) -> Path:
+        """Save model + tokenizer as a plain Hugging Face directory (+ ``fluid.json``); ``fields``
+        are further :class:`CheckpointMeta` fields (the run's data and seed)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
-        meta = {"stage": self.stage_id, "source_backbone": self.spec.name, "source_path": self.spec.path,
-                "mask_token": self.tokenizer.mask_token, "mask_token_id": self.tokenizer.mask_token_id}
-        meta.update(extra or {})
-        (out / "fluid.json").write_text(json.dumps(meta, indent=2) + "\n")
+        dataclasses.replace(self.checkpoint_meta(out), **fields).write(out)
         return out
-
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of token cross-entropies over non-ignored labels, and their count (float32 maths)."""
-    flat = labels.reshape(-1)
-    keep = flat != -100
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep].float(), flat[keep],
-                                             reduction="sum")
-    return loss, keep.sum()

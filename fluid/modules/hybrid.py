@@ -7,24 +7,24 @@ all supervised tokens jointly by default (as the reference does), with optional 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 
 from fluid.backbones.tokens import noise_token_ids, resolve_mask_token
-from fluid.data.sft import IGNORE
-from fluid.lanes import AttentionBackend, LaneBatch, expand_lanes
+from fluid.checkpoint import CheckpointMeta
+from fluid.lanes import AttentionBackend, LaneBatch
 from fluid.lanes.attention import attention_mask_for
-from fluid.modules.base import FluidModule
+from fluid.modules.lanes import LaneModule
 from fluid.modules.lora import LoraSettings, apply_lora, merge
+from fluid.nn import IGNORE, token_ce
 
 
 def lane_losses(logits: torch.Tensor, lb: LaneBatch) -> dict[str, torch.Tensor]:
     """Summed cross-entropies and token counts of main tokens (AR) and slots (Diff)."""
-    ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), lb.targets.clamp(min=0),
-                                           reduction="none")
+    ce = token_ce(logits, lb.targets)
     has = lb.targets != IGNORE
     ar, diff = has & lb.is_main, has & ~lb.is_main
     return {"ar_sum": ce[ar].sum(), "ar_n": ar.sum(), "diff_sum": ce[diff].sum(), "diff_n": diff.sum()}
@@ -38,7 +38,7 @@ def combine(parts: dict[str, torch.Tensor], w_ar: float = 1.0, w_diff: float = 1
     return w_ar * parts["ar_sum"] / n_ar + w_diff * parts["diff_sum"] / n_diff
 
 
-class HybridDiffusionModule(FluidModule):
+class HybridDiffusionModule(LaneModule):
     stage_id = 1
 
     def __init__(self, backbone, tokenizer, masking: dict, optim: dict | None = None, lora: dict | None = None,
@@ -61,21 +61,17 @@ class HybridDiffusionModule(FluidModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = self.spec.build_model()
+        model = self.build_backbone(flex=self.uses_flex(self.backend))
+        # the MASK id is decided here, once, and recorded in fluid.json for everything after stage 1
         self.mask_token_id, _ = resolve_mask_token(self.tokenizer, model, self.spec.mask_token)
         self.noise_ids = noise_token_ids(self.tokenizer, model.get_input_embeddings().weight.shape[0])
-        if self.backend.resolve(self.device) is AttentionBackend.FLEX:
-            model.config._attn_implementation = "flex_attention"
         self.model = apply_lora(model, self.lora, [self.mask_token_id]).train()
 
     # ------------------------------------------------------------------ steps
     def expand(self, batch: dict, generator: torch.Generator) -> LaneBatch:
-        cpu = {k: v.cpu() for k, v in batch.items()}
-        lb = expand_lanes(cpu["input_ids"], cpu["labels"], cpu["attention_mask"], self.schedule,
-                          mask_token_id=self.mask_token_id, noise_token_ids=self.noise_ids,
-                          pad_token_id=self.tokenizer.pad_token_id, generator=generator,
-                          max_expanded_len=self.max_expanded_len, pad_to_multiple=self.pad_to_multiple)
-        return lb.to(self.device)
+        return self.expand_batch(batch, self.schedule, generator, mask_token_id=self.mask_token_id,
+                                 noise_token_ids=self.noise_ids, max_expanded_len=self.max_expanded_len,
+                                 pad_to_multiple=self.pad_to_multiple)
 
     def forward_lanes(self, lb: LaneBatch) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
@@ -100,26 +96,24 @@ class HybridDiffusionModule(FluidModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        step_seed = self.seed * 1_000_003 + self.global_step * max(1, self.trainer.world_size) + self.global_rank
-        return self._step(batch, torch.Generator().manual_seed(step_seed), "train")
+        return self._step(batch, self.step_generator(self.seed), "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, torch.Generator().manual_seed(10_007 + batch_idx), "val")
+        self._step(batch, self.val_generator(batch_idx), "val")
 
     # ---------------------------------------------------------------- export
-    def export_hf(self, out_dir, extra: dict | None = None) -> Path:
+    def _adapter_dir(self, out: Path) -> Path:
+        return out.parent / "adapter"
+
+    def checkpoint_meta(self, out: Path) -> CheckpointMeta:
+        return dataclasses.replace(super().checkpoint_meta(out), mask_token_id=self.mask_token_id,
+                                   horizon=self.schedule.horizon, masking=self.masking_cfg,
+                                   adapter_dir=str(self._adapter_dir(out).resolve()) if self.lora.enabled else None)
+
+    def export_hf(self, out_dir, **fields) -> Path:
         """LoRA adapter beside a merged plain-HF checkpoint; ``self.model`` becomes the merged model."""
         out = Path(out_dir)
         if self.lora.enabled:
-            self.model.save_pretrained(out.parent / "adapter")
+            self.model.save_pretrained(self._adapter_dir(out))
             self.model = merge(self.model)
-        meta = {"mask_token_id": self.mask_token_id, "horizon": self.schedule.horizon,
-                "masking": self.masking_cfg, "adapter_dir": str((out.parent / "adapter").resolve())
-                if self.lora.enabled else None}
-        meta.update(extra or {})
-        return super().export_hf(out, extra=meta)
-
-
-def read_fluid_json(checkpoint_dir: str | Path) -> dict:
-    path = Path(checkpoint_dir) / "fluid.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+        return super().export_hf(out, **fields)

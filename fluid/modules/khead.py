@@ -8,32 +8,35 @@ Saves only the head (safetensors) plus a pointer to the stage-1 checkpoint.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from fluid.backbones.spec import BackboneSpec
+from fluid.checkpoint import HEAD_FILE, CheckpointMeta, mask_token_id
 from fluid.khead import KHead, k_star, kl_to_soft_labels, soft_labels
-from fluid.khead.frozen import expanded_lane_losses, prefix_lane_losses, resolve_lane_forward
-from fluid.lanes import AttentionBackend, FullLanes, expand_lanes
-from fluid.modules.base import FluidModule
-from fluid.modules.hybrid import read_fluid_json
+from fluid.khead.frozen import LANE_CHUNK, expanded_lane_losses, prefix_lane_losses, resolve_lane_forward
+from fluid.lanes import AttentionBackend, FullLanes
+from fluid.modules.lanes import LaneModule
 
-HEAD_FILE = "khead.safetensors"
+NO_NOISE = torch.empty(0, dtype=torch.long)  # full lanes are never restored, so never noised
 
 
-class KHeadModule(FluidModule):
+class KHeadModule(LaneModule):
     stage_id = 2
 
     def __init__(self, backbone: BackboneSpec, tokenizer, tau: dict, anchor_prob: float = 0.5,
                  horizon: int | None = None, optim: dict | None = None, attention: str = "auto", seed: int = 0,
-                 eval_max_new_tokens: int = 128, lane_forward: str = "auto", lane_chunk: int = 64):
+                 eval_max_new_tokens: int = 128, lane_forward: str = "auto", lane_chunk: int = LANE_CHUNK):
         super().__init__(backbone, tokenizer, optim, eval_max_new_tokens)
-        self.tau, self.sigma = float(tau["value"]), float(tau.get("sigma", 1.5))
-        meta = read_fluid_json(backbone.path) if backbone.path else {}
-        self.horizon = int(horizon or meta.get("horizon") or 16)
-        self.mask_token_id = meta.get("mask_token_id", tokenizer.mask_token_id)
+        self.tau, self.sigma = float(tau["value"]), float(tau["sigma"])
+        meta = CheckpointMeta.read(backbone.path) if backbone.path else CheckpointMeta()
+        self.horizon = int(horizon or meta.horizon or 0)
+        if self.horizon < 1:
+            raise ValueError("stage.module.horizon: not set and the stage-1 checkpoint's fluid.json has no horizon "
+                             "(set stage.module.horizon=K)")
+        self.mask_token_id = mask_token_id(meta, tokenizer)
         if self.mask_token_id is None:
             raise ValueError("stage 2 needs a stage-1 checkpoint with a mask token (fluid.json)")
         self.schedule = FullLanes(anchor_prob=anchor_prob, horizon=self.horizon)
@@ -51,12 +54,10 @@ class KHeadModule(FluidModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = self.spec.build_model()
+        expanded = resolve_lane_forward(self.lane_forward, self.device) == "expanded"
+        model = self.build_backbone(flex=expanded and self.uses_flex(self.backend))
         model.requires_grad_(False)
         model.eval()
-        if (resolve_lane_forward(self.lane_forward, self.device) == "expanded"
-                and self.backend.resolve(self.device) is AttentionBackend.FLEX):
-            model.config._attn_implementation = "flex_attention"
         self.model = model
         self.head = KHead(model.config.hidden_size, self.horizon)
 
@@ -68,10 +69,7 @@ class KHeadModule(FluidModule):
 
     # ------------------------------------------------------------------ maths
     def targets_and_logits(self, batch: dict, generator: torch.Generator):
-        cpu = {k: v.cpu() for k, v in batch.items()}
-        lb = expand_lanes(cpu["input_ids"], cpu["labels"], cpu["attention_mask"], self.schedule,
-                          mask_token_id=self.mask_token_id, noise_token_ids=torch.tensor([0]),
-                          pad_token_id=self.tokenizer.pad_token_id, generator=generator).to(self.device)
+        lb = self.expand_batch(batch, self.schedule, generator, mask_token_id=self.mask_token_id, noise_token_ids=NO_NOISE)
         if resolve_lane_forward(self.lane_forward, self.device) == "prefix":
             hidden, losses, valid = prefix_lane_losses(self.model, batch["input_ids"], batch["attention_mask"], lb,
                                                        self.horizon, self.mask_token_id, self.lane_chunk)
@@ -83,16 +81,14 @@ class KHeadModule(FluidModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * max(1, self.trainer.world_size)
-                                          + self.global_rank)
-        kstar, logits = self.targets_and_logits(batch, g)
+        kstar, logits = self.targets_and_logits(batch, self.step_generator(self.seed))
         loss = kl_to_soft_labels(logits, soft_labels(kstar, self.horizon, self.sigma))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(kstar))
         self.log("train/mean_target_k", kstar.float().mean(), batch_size=len(kstar))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        kstar, logits = self.targets_and_logits(batch, torch.Generator().manual_seed(10_007 + batch_idx))
+        kstar, logits = self.targets_and_logits(batch, self.val_generator(batch_idx))
         pred = logits.argmax(-1) + 1
         n = len(kstar)
         self.log("val/loss", kl_to_soft_labels(logits, soft_labels(kstar, self.horizon, self.sigma)), batch_size=n,
@@ -120,27 +116,14 @@ class KHeadModule(FluidModule):
                                        "trainer/global_step": self.global_step})
 
     # ----------------------------------------------------------------- export
-    def export_hf(self, out_dir, extra: dict | None = None) -> Path:
+    def checkpoint_meta(self, out: Path) -> CheckpointMeta:
+        return CheckpointMeta(stage=2, source_backbone=self.spec.name, stage1_checkpoint=str(Path(self.spec.path).resolve()),
+                              head_file=HEAD_FILE, horizon=self.horizon, tau=self.tau, sigma=self.sigma,
+                              mask_token_id=self.mask_token_id, histograms=getattr(self, "histograms", None))
+
+    def export_hf(self, out_dir, **fields) -> Path:
         """Only the head and a pointer to the stage-1 checkpoint (the backbone is unchanged)."""
         out = Path(out_dir)
         self.head.save(out)
-        meta = {"stage": 2, "stage1_checkpoint": str(Path(self.spec.path).resolve()), "head_file": HEAD_FILE,
-                "horizon": self.horizon, "tau": self.tau, "sigma": self.sigma, "mask_token_id": self.mask_token_id,
-                "histograms": getattr(self, "histograms", None)}
-        meta.update(extra or {})
-        (out / "fluid.json").write_text(json.dumps(meta, indent=2) + "\n")
+        dataclasses.replace(self.checkpoint_meta(out), **fields).write(out)
         return out
-
-
-def load_fluid_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Backbone + K-head + tokenizer of a stage-2 checkpoint, in one call."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    meta = read_fluid_json(checkpoint_dir)
-    if meta.get("stage") != 2:
-        raise ValueError(f"{checkpoint_dir} is not a stage-2 checkpoint (fluid.json stage={meta.get('stage')})")
-    base = meta["stage1_checkpoint"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    head = KHead.load(Path(checkpoint_dir) / meta["head_file"]).to(device=device, dtype=dtype).eval()
-    return model, head, tokenizer, meta

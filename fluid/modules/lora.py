@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -13,7 +13,6 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
     train_mask_embedding: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int]):
@@ -29,7 +28,6 @@ def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int]):
         target_modules=settings.target_modules, task_type="CAUSAL_LM",
         trainable_token_indices=list(trainable_token_ids) if settings.train_mask_embedding and trainable_token_ids
         else None,
-        **settings.extra,
     )
     return get_peft_model(model, cfg)
 

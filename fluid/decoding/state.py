@@ -1,4 +1,4 @@
-"""Batched decoding state shared by the AR baseline and FLUID decoding.
+"""The batched decoding state every algorithm runs on, and the one commit rule.
 
 Rows are left-padded prompts; the KV cache may contain *holes* (entries of rejected draft
 slots, or of prompt padding) that a per-row ``key_valid`` mask hides. Every forward gets an
@@ -15,21 +15,79 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from fluid.decoding.masks import to_float_mask
+from fluid.nn import decoder_and_lm_head, to_float_mask
+
+COMPACT_MIN = 64    # a cache shorter than this is never compacted (the gather costs more than the holes)
+STOP_WINDOW = 64    # trailing tokens decoded to look for a stop string (longer than any stop string)
 
 
 @dataclass
 class RowStats:
+    """One row's output and statistics. NFE rule, the same for every algorithm: a forward commits
+    the tokens whose KV it writes; ``nfe`` counts the decoding forwards the row took part in (the
+    prefill excluded), so greedy AR has exactly one forward per token."""
+
     tokens: list[int] = field(default_factory=list)
-    nfe: int = 0                     # decoding forwards this row took part in (prefill excluded)
-    accepted: list[int] = field(default_factory=list)   # tokens committed per step
-    horizons: list[int] = field(default_factory=list)   # block size chosen per step
-    draft_forwards: int = 0
+    nfe: int = 0
+    accepted: list[int] = field(default_factory=list)   # tokens committed per block (per step for AR)
+    horizons: list[int] = field(default_factory=list)   # horizon chosen per block
+    draft_forwards: int = 0          # forwards that only drafted (verified nothing past slot 0)
     finished: str = ""               # eos | max_new_tokens | stop
 
 
-def decoder_and_lm_head(model):
-    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+class StopRule:
+    """The commit rule of every algorithm: tokens are appended up to EOS (included),
+    ``max_new_tokens`` or a stop string; a block's statistics are closed when it ends."""
+
+    def __init__(self, max_new_tokens: int, eos_token_id: int | None, tokenizer=None, stop_strings: Sequence[str] = ()):
+        self.max_new_tokens, self.eos_id = max_new_tokens, eos_token_id
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+
+    def cut(self, row: RowStats, toks: list[int]) -> tuple[list[int], str]:
+        """``toks`` cut at EOS / max_new_tokens, and why the row is finished ('' if it is not)."""
+        room = self.max_new_tokens - len(row.tokens)
+        reason = ""
+        if self.eos_id is not None and self.eos_id in toks[:room]:
+            toks = toks[: toks.index(self.eos_id) + 1]
+            reason = "eos"
+        if len(toks) >= room:
+            toks = toks[:room]
+            reason = reason or "max_new_tokens"
+        if not reason and self.stop_strings:
+            text = self.tokenizer.decode((row.tokens + toks)[-STOP_WINDOW:], skip_special_tokens=True)
+            if any(s in text for s in self.stop_strings):
+                reason = "stop"
+        return toks, reason
+
+    def commit(self, row: RowStats, toks: list[int], *, block_done: bool, block_acc: int,
+               horizon: int | None = None) -> bool:
+        """Append ``toks`` to ``row``; ``block_acc``: the block's committed tokens including these.
+        Closes the block's statistics when it is done or the row finishes; True while the row lives."""
+        kept, reason = self.cut(row, toks)
+        row.tokens.extend(kept)
+        if reason or block_done:
+            row.accepted.append(block_acc - (len(toks) - len(kept)))
+            if horizon is not None:
+                row.horizons.append(horizon)
+        if reason:
+            row.finished = reason
+        return not reason
+
+
+@dataclass
+class Context:
+    """What an algorithm needs besides the batch and the config: where horizons come from
+    (:mod:`fluid.decoding.horizon`), the commit rule, and the MASK id."""
+
+    horizon: object
+    rule: StopRule
+    mask_id: int | None
+
+
+def top_token(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax of ``logits (..., V)`` and its softmax probability, without the full softmax."""
+    top_logit, tok = logits.max(-1)
+    return torch.exp(top_logit - torch.logsumexp(logits, -1)), tok
 
 
 class DecodeBatch:
@@ -136,11 +194,11 @@ class DecodeBatch:
     def compact(self) -> None:
         """Squeeze cache holes out (left-aligned padding) once they dominate the cache."""
         t = self.key_valid.shape[1]
-        if self.size == 0 or t < 64 or not self.holes:
+        if self.size == 0 or t < COMPACT_MIN or not self.holes:
             return
         counts = self.key_valid.sum(-1)
         width = int(counts.max())
-        if t < 64 or width * 2 > t:
+        if width * 2 > t:
             return
         # stable order: invalid entries first, then valid ones in their original order
         order = torch.argsort(self.key_valid.long() * (t + 1) + torch.arange(t, device=self.device), dim=-1)

@@ -1,0 +1,130 @@
+"""One way to save and load a FLUID model.
+
+A FLUID checkpoint is a directory that other tools can read as well:
+
+* stage 0 and stage 1: a plain Hugging Face directory (model + tokenizer) plus ``fluid.json``;
+* stage 2: only the K-head (``khead.safetensors``) plus ``fluid.json``, whose
+  ``stage1_checkpoint`` points at the stage-1 directory the head was trained on;
+* any Hugging Face causal-LM directory without ``fluid.json`` (no MASK token unless its
+  tokenizer has one: it can be decoded with ``decode.algorithm=ar``).
+
+:class:`CheckpointMeta` is ``fluid.json``: one writer (:meth:`CheckpointMeta.write`), one reader
+(:meth:`CheckpointMeta.read`). :func:`load_fluid` returns backbone, head (or None), tokenizer
+and metadata for each kind; :func:`mask_token_id` is where a checkpoint's MASK id is decided.
+Nothing here imports a LightningModule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fluid.utils.errors import FluidConfigError
+
+log = logging.getLogger(__name__)
+
+FLUID_JSON = "fluid.json"
+HEAD_FILE = "khead.safetensors"
+
+
+@dataclass
+class CheckpointMeta:
+    """What ``fluid.json`` records about a checkpoint (``None``: not recorded / not applicable)."""
+
+    stage: int | None = None                # 0, 1, 2; None for a plain HF directory
+    source_backbone: str | None = None      # the backbone config it was trained from (``backbone.name``)
+    source_path: str | None = None          # that backbone's checkpoint location
+    mask_token: str | None = None
+    mask_token_id: int | None = None
+    horizon: int | None = None              # lane length k_max (stage 1) / K-head classes (stage 2)
+    masking: dict | None = None             # the stage-1 lane schedule
+    adapter_dir: str | None = None          # stage 1 with LoRA: the adapter beside the merged model
+    stage1_checkpoint: str | None = None    # stage 2: the frozen backbone the head belongs to
+    head_file: str | None = None            # stage 2: the head's file in this directory
+    tau: float | None = None                # stage 2: the K* threshold
+    sigma: float | None = None              # stage 2: soft-label width
+    histograms: dict | None = None          # stage 2: target / predicted horizon counts (validation)
+    data: str | None = None                 # the data config it was trained on (``data.name``)
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)  # keys written by a newer version, kept on a rewrite
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "CheckpointMeta":
+        """The metadata of ``directory`` (all fields None when it has no ``fluid.json``)."""
+        path = Path(directory) / FLUID_JSON
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise FluidConfigError("checkpoint", f"{str(path)!r} is not valid JSON ({e.msg})") from None
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: data.pop(k) for k in list(data) if k not in known}
+        if extra:
+            log.info("%s: keys this version does not use: %s", path, sorted(extra))
+        return cls(**data, extra=extra)
+
+    def write(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra" and v is not None}
+        data.update(self.extra)
+        (out / FLUID_JSON).write_text(json.dumps(data, indent=2) + "\n")
+        return out / FLUID_JSON
+
+
+def mask_token_id(meta: CheckpointMeta, tokenizer) -> int | None:
+    """The MASK id of a checkpoint: the one its training recorded, else the tokenizer's own."""
+    return meta.mask_token_id if meta.mask_token_id is not None else tokenizer.mask_token_id
+
+
+@dataclass
+class FluidModel:
+    model: torch.nn.Module                  # the causal LM (eval mode)
+    head: torch.nn.Module | None            # the K-head of a stage-2 checkpoint
+    tokenizer: object
+    meta: CheckpointMeta
+    path: Path
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return mask_token_id(self.meta, self.tokenizer)
+
+
+def backbone_dir(path: str | Path) -> tuple[Path, CheckpointMeta]:
+    """The directory holding the model weights of checkpoint ``path`` (a stage-2 checkpoint's
+    stage-1 directory) and the metadata of ``path`` itself."""
+    path = Path(path)
+    if not path.exists():
+        raise FluidConfigError("checkpoint", f"{str(path)!r} does not exist", "run stages 0-2 first or point at one")
+    meta = CheckpointMeta.read(path)
+    if meta.stage != 2:
+        return path, meta
+    base = Path(meta.stage1_checkpoint or "")
+    if not meta.stage1_checkpoint or not base.exists():
+        raise FluidConfigError("checkpoint", f"the stage-1 directory {meta.stage1_checkpoint!r} of stage-2 checkpoint "
+                               f"{str(path)!r} does not exist", "retrain stage 2 on an existing stage-1 checkpoint")
+    return base, meta
+
+
+def load_fluid(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FluidModel:
+    """Backbone, K-head (stage 2, else None), tokenizer and metadata of a FLUID or plain HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fluid.khead.head import KHead
+
+    base, meta = backbone_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise FluidConfigError("checkpoint", f"cannot load a model from {str(base)!r}: {str(e).splitlines()[0]}") from None
+    head = None
+    if meta.stage == 2:
+        head = KHead.load(Path(path) / (meta.head_file or HEAD_FILE)).to(device=device, dtype=dtype).eval()
+    return FluidModel(model=model, head=head, tokenizer=tokenizer, meta=meta, path=Path(path))

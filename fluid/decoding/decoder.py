@@ -1,0 +1,88 @@
+"""``FluidDecoder(model, tokenizer, head).generate(prompts)``: batching, statistics and the choice
+of algorithm (:mod:`fluid.decoding.fluid`, :mod:`~fluid.decoding.ar`, :mod:`~fluid.decoding.published`).
+With verification the output is exactly greedy AR (fp32)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from fluid.decoding import ar, fluid, published
+from fluid.decoding.config import DecodeConfig
+from fluid.decoding.horizon import horizon_source
+from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule
+
+ALGORITHMS = {"fluid": fluid, "ar": ar, "published": published}
+RECOMPILE_LIMIT = 64  # shapes vary by design (rows leave, blocks and the cache change length)
+
+
+class FluidDecoder:
+    def __init__(self, model, tokenizer, head=None, mask_token_id: int | None = None,
+                 config: DecodeConfig | None = None, stop_strings: Sequence[str] = ()):
+        self.model, self.tokenizer, self.head = model.eval(), tokenizer, head
+        self.mask_id = mask_token_id if mask_token_id is not None else tokenizer.mask_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.config = (config or DecodeConfig()).validate()
+        self.stop_strings = list(stop_strings)
+        self._compiled = None
+
+    def generate(self, prompts: Sequence[Sequence[int] | str], reference: Sequence[Sequence[int]] | None = None,
+                 **overrides) -> dict:
+        """Decode ``prompts`` (token ids or chat-free strings) in batches; returns texts and stats.
+        ``overrides`` are :class:`DecodeConfig` fields for this call."""
+        cfg = replace(self.config, **overrides).validate() if overrides else self.config
+        if cfg.algorithm == "fluid" and cfg.horizon == "head" and self.head is None:
+            raise ValueError("decode.horizon=head needs a K-head (load a stage-2 checkpoint) or use horizon=fixed")
+        if cfg.algorithm != "ar" and self.mask_id is None:
+            raise ValueError("the tokenizer has no mask token; pass mask_token_id (see the checkpoint's fluid.json)")
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
+               for p in prompts]
+        if cfg.horizon == "oracle" and reference is None:
+            reference = self.generate(ids, algorithm="ar", max_new_tokens=cfg.max_new_tokens)["tokens"]
+        algo = ALGORITHMS[cfg.algorithm]
+        rule = StopRule(cfg.max_new_tokens, self.eos_id, self.tokenizer, self.stop_strings)
+        stats: list[RowStats] = []
+        t0 = time.perf_counter()
+        bs = 1 if algo.ONE_PROMPT_AT_A_TIME else cfg.batch_size
+        for start in range(0, len(ids), bs):
+            chunk = ids[start: start + bs]
+            ref = reference[start: start + bs] if reference is not None else None
+            ctx = Context(horizon=horizon_source(cfg, self.head, ref) if cfg.algorithm != "ar" else None,
+                          rule=rule, mask_id=self.mask_id)
+            stats.extend(self._decode(algo, chunk, cfg, ctx))
+        wall = time.perf_counter() - t0
+        n_tok = sum(len(s.tokens) for s in stats)
+        return {"texts": [self._text(s.tokens) for s in stats], "tokens": [s.tokens for s in stats], "rows": stats,
+                "wall_time_s": wall, "generated_tokens": n_tok,
+                "tokens_per_s": n_tok / wall if wall > 0 else float("nan"),
+                "tpf": n_tok / max(1, sum(s.nfe for s in stats)), "nfe": sum(s.nfe for s in stats)}
+
+    @torch.inference_mode()
+    def _decode(self, algo, prompts, cfg: DecodeConfig, ctx: Context) -> list[RowStats]:
+        stats = [RowStats() for _ in prompts]
+        batch = DecodeBatch(self.model, prompts, self.pad_id, lane=algo.prefill_lane(cfg, len(prompts)),
+                            mask_token_id=self.mask_id, decoder=self._body(cfg))
+        algo.decode(batch, stats, cfg, ctx)
+        return stats
+
+    def _text(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in self.stop_strings:
+            if s in text:
+                text = text[: text.index(s)]
+        return text
+
+    def _body(self, cfg: DecodeConfig):
+        """The transformer body to run: the model's own, or (``compile``) one compiled copy of it."""
+        if not cfg.compile:
+            return None
+        if self._compiled is None:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+            self._compiled = torch.compile(getattr(self.model, self.model.base_model_prefix), dynamic=True)
+        return self._compiled
