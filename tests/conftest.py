@@ -153,3 +153,8 @@ def fluid_decoder(model, eos: int | None = None, seed: int = 0, **cfg):
     torch.manual_seed(seed)
     head = KHead(model.config.hidden_size, 16).to(next(model.parameters()).device)
     return FluidDecoder(model, Tok(eos), head=head, config=DecodeConfig(**cfg))
+
+
+def hist_mean(counts) -> float:
+    """The mean horizon of a histogram ``counts[k - 1]`` of horizons ``k = 1..K``."""
+    return sum(k * c for k, c in enumerate(counts, start=1)) / sum(counts)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -32,7 +33,16 @@ def test_missing_checkpoint_fails_with_one_line(tmp_path):
 
 
 def test_package_root_is_the_repo():
-    assert (ROOT / "conf" / "train.yaml").exists()
+    """The imported package and the configs it composes are this checkout's (not an installed copy)."""
+    from omegaconf import OmegaConf
+
+    import fluid
+    from fluid.config import CONF_DIR
+
+    assert Path(fluid.__file__).resolve().parent == ROOT / "fluid"
+    assert CONF_DIR == ROOT / "conf"
+    defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
+    assert {"paths": "default"} in defaults, defaults
 
 
 def test_stage2_without_stage1_names_the_missing_checkpoint(tmp_path):

@@ -1,14 +1,14 @@
+"""Greedy AR (fluid.decoding.ar): batched equals unbatched, equals a cache-free argmax and HF generate."""
+
 import pytest
 import torch
 
 from fluid.decoding.ar import greedy_generate
-from tests.conftest import tiny_model
+from tests.conftest import random_prompts, tiny_model
 
 
-def _prompts(n, vocab, seed=0, lo=3, hi=12):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+def _prompts(n, vocab, seed=0):
+    return random_prompts(n, vocab, seed=seed, lo=3, hi=12)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -1,21 +1,33 @@
 """CUDA-only checks (``make test-gpu``): the flex-attention training path against the dense
-oracle (outputs and gradients), bf16 training, a DeepSpeed ZeRO-2 fit, and decoding on CUDA
-(lossless in fp32, running in bf16, compiled)."""
+oracle (outputs and gradients), bf16 training, a DeepSpeed ZeRO-2 fit, decoding on CUDA
+(lossless in fp32, running in bf16, compiled) and ``load_fluid`` onto the device in bf16.
+Every test skips without CUDA; on CPU the module still imports (``pytest -m gpu`` reports skips)."""
 
 import pytest
 import torch
 
 from fluid.lanes import FluidSchedule, expand_lanes
 from fluid.lanes.attention import block_mask, dense_float_mask
-from tests.conftest import tiny_model
-from tests.test_lanes import MASK, NOISE, PAD_ID, make_batch
+from tests.conftest import (
+    DECODE_VOCAB,
+    MASK_ID,
+    NOISE,
+    PAD_ID,
+    ar_reference,
+    compose_cfg,
+    constant_model,
+    fluid_decoder,
+    make_batch,
+    random_prompts,
+    tiny_model,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _lane_batch(device):
     ids, labels, am = make_batch(lengths=(200, 150, 90), prompt=(20, 10, 30), seed=0)
-    lb = expand_lanes(ids, labels, am, FluidSchedule(horizon=8), mask_token_id=MASK, noise_token_ids=NOISE,
+    lb = expand_lanes(ids, labels, am, FluidSchedule(horizon=8), mask_token_id=MASK_ID, noise_token_ids=NOISE,
                       pad_token_id=PAD_ID, generator=torch.Generator().manual_seed(0), pad_to_multiple=128)
     return lb.to(device)
 
@@ -56,8 +68,8 @@ def test_bf16_lane_step_is_finite():
 
 
 def test_deepspeed_zero2_stage1_fit(tmp_path, cache_dir, tiny_checkpoint):
+    pytest.importorskip("deepspeed", reason="strategy=deepspeed_zero2 needs DeepSpeed (pip install deepspeed)")
     from fluid.train import train
-    from tests.conftest import compose_cfg
 
     cfg = compose_cfg(["stage=1", "strategy=deepspeed_zero2", "trainer=gpu", "trainer.devices=1", "logger=csv",
                        "trainer.max_steps=3", "trainer.val_check_interval=3", "data.source.n_train=64",
@@ -69,27 +81,21 @@ def test_deepspeed_zero2_stage1_fit(tmp_path, cache_dir, tiny_checkpoint):
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_fluid_decoding_on_cuda_fp32_is_lossless(batch_size):
-    from tests.test_decoding_fluid import VOCAB, ar_reference, decoder, prompts
-
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 verification: exact AR argmax
-    model = tiny_model("qwen2", vocab_size=VOCAB, seed=1).cuda()
-    ps = prompts(6, seed=2)
+    model = tiny_model("qwen2", vocab_size=DECODE_VOCAB, seed=1).cuda()
+    ps = random_prompts(6, DECODE_VOCAB, seed=2)
     ref = ar_reference(model, ps, 24)
     for horizon in ("head", "fixed"):
-        dec = decoder(model, horizon=horizon, fixed_k=5, k_min=2, k_max=8, batch_size=batch_size,
-                      max_new_tokens=24, confidence=0.3)
-        dec.head.cuda()
-        out = dec.generate(ps)
+        out = fluid_decoder(model, horizon=horizon, fixed_k=5, k_min=2, k_max=8, batch_size=batch_size,
+                      max_new_tokens=24, confidence=0.3).generate(ps)  # the head goes to the model's device
         assert out["tokens"] == ref, horizon
         assert all(sum(r.accepted) == len(r.tokens) == 24 for r in out["rows"])
 
 
 def test_fluid_decoding_runs_in_bf16_and_compiled_on_cuda():
-    from tests.test_decoding_fluid import ar_reference, constant_model, decoder, prompts
-
     model = constant_model().cuda().to(torch.bfloat16)
-    ps = prompts(4, seed=4)
-    dec = decoder(model, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=32, batch_size=4,
+    ps = random_prompts(4, DECODE_VOCAB, seed=4)
+    dec = fluid_decoder(model, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=32, batch_size=4,
                   confidence=0.3)
     out = dec.generate(ps)
     for row in out["rows"]:
@@ -97,7 +103,28 @@ def test_fluid_decoding_runs_in_bf16_and_compiled_on_cuda():
     assert out["tpf"] > 2  # perfect drafts: whole blocks accepted in bf16 too
     fp32 = constant_model().cuda()
     ref = ar_reference(fp32, ps, 16)
-    compiled = decoder(fp32, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=16, confidence=0.3,
+    compiled = fluid_decoder(fp32, horizon="fixed", fixed_k=8, k_min=1, k_max=8, max_new_tokens=16, confidence=0.3,
                        compile=True)
     for bs in (1, 4):
         assert compiled.generate(ps, batch_size=bs)["tokens"] == ref
+
+
+def test_load_fluid_places_backbone_and_head_on_cuda_in_bf16(tiny_checkpoint, tmp_path):
+    """``load_fluid(path, device, dtype)`` puts the stage-1 backbone and the stage-2 head on the
+    device in the dtype asked for, and the decoder runs on them there."""
+    from fluid.checkpoint import CheckpointMeta, load_fluid
+    from fluid.decoding import DecodeConfig, FluidDecoder
+    from fluid.khead import KHead
+
+    torch.manual_seed(0)
+    KHead(64, 6).save(tmp_path / "stage2")  # tiny_model's hidden size
+    CheckpointMeta(stage=2, stage1_checkpoint=str(tiny_checkpoint), head_file="khead.safetensors",
+                   horizon=6).write(tmp_path / "stage2")
+    fm = load_fluid(tmp_path / "stage2", device="cuda", dtype=torch.bfloat16)
+    for module in (fm.model, fm.head):
+        assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in module.parameters())
+    dec = FluidDecoder(fm.model, fm.tokenizer, head=fm.head, mask_token_id=fm.mask_token_id,
+                       config=DecodeConfig(max_new_tokens=12, k_min=1, k_max=6))
+    out = dec.generate(["1 + 2 =", "3 * 4 ="], batch_size=2)
+    assert [sum(r.accepted) for r in out["rows"]] == [len(t) for t in out["tokens"]]
+    assert all(1 <= len(t) <= 12 and r.horizons for t, r in zip(out["tokens"], out["rows"]))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluid.backbones.spec import BackboneSpec
@@ -111,9 +112,16 @@ def test_export_adapter_and_merged_checkpoint(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         ref = m.model(input_ids=ids, position_ids=torch.arange(5)[None]).logits
     out = m.export_hf(tmp_path / "checkpoint")
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    # the adapter beside the merged model: a rank-16 LoRA (module defaults) with its A/B weights
+    adapter = tmp_path / "adapter"
+    lora_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert lora_cfg["peft_type"] == "LORA" and lora_cfg["r"] == 16 and lora_cfg["lora_alpha"] == 32
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert any("q_proj.lora_A" in n for n in names) and any("down_proj.lora_B" in n for n in names), names[:8]
     meta = json.loads((out / "fluid.json").read_text())
     assert meta["stage"] == 1 and meta["mask_token_id"] == m.mask_token_id and meta["horizon"] == 4
+    assert meta["adapter_dir"] == str(adapter.resolve())
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     tok2 = AutoTokenizer.from_pretrained(out)
     assert tok2.convert_tokens_to_ids("<|newmask|>") == m.mask_token_id

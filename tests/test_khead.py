@@ -7,7 +7,9 @@ import torch
 
 from fluid.khead import KHead, k_star, kl_to_soft_labels, lane_slot_losses, soft_labels
 from fluid.lanes import FullLanes, expand_lanes
-from tests.test_lanes import MASK, NOISE, PAD_ID, VOCAB, make_batch
+from tests.conftest import LANE_VOCAB as VOCAB
+from tests.conftest import MASK_ID as MASK
+from tests.conftest import NOISE, PAD_ID, make_batch, tiny_model
 
 
 def brute_k_star(losses, valid, tau):
@@ -75,11 +77,16 @@ def test_lane_slot_losses_gathers_each_lane_in_order():
 
 
 def test_head_shape_predict_and_roundtrip(tmp_path):
+    torch.manual_seed(0)
     head = KHead(64, 16)
     assert (head.net[0].in_features, head.net[0].out_features, head.net[2].out_features) == (64, 64 // 4, 16)
-    h = torch.randn(5, 64)
+    h = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * 4
+    # the class with the largest logit, as a horizon (class c is K = c + 1), clamped to [k_min, k_max]
+    argmax_k = head(h).argmax(-1) + 1
+    assert torch.equal(head.predict_k(h), argmax_k)
     k = head.predict_k(h, k_min=4, k_max=12)
-    assert ((k >= 4) & (k <= 12)).all()
+    assert torch.equal(k, argmax_k.clamp(4, 12))
+    assert (argmax_k < 4).any() and (argmax_k > 12).any()  # both ends of the clamp are exercised
     path = head.save(tmp_path)
     again = KHead.load(path)
     torch.testing.assert_close(again(h), head(h))
@@ -91,7 +98,6 @@ def test_prefix_frozen_forward_equals_the_expanded_one(arch):
     states, per-slot losses and K* of the forward over the expanded batch, lanes cut by the end
     of the sequence included, whatever the lane chunk."""
     from fluid.khead.frozen import expanded_lane_losses, prefix_lane_losses
-    from tests.conftest import tiny_model
 
     model = tiny_model(arch, vocab_size=VOCAB, seed=3)
     ids, labels, am = make_batch(lengths=(30, 22, 12), prompt=(4, 3, 5), seed=8)

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import lightning as L
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -12,6 +13,7 @@ from fluid.checkpoint import CheckpointMeta, load_fluid
 from fluid.data import ArithSource, SFTDataModule
 from fluid.khead import KHead, k_star, kl_to_soft_labels, soft_labels
 from fluid.modules.khead import KHeadModule
+from tests.conftest import hist_mean
 
 
 def stage1_like(tiny_checkpoint, tmp_path):
@@ -45,13 +47,19 @@ def test_backbone_bit_identical_and_only_head_saved(tiny_checkpoint, tmp_path):
     assert all(not p.requires_grad for p in module.model.parameters())
     for key in ("val/head_acc", "val/head_acc_within1", "val/mean_target_k", "val/mean_pred_k"):
         assert key in trainer.callback_metrics
-    assert sum(module.histograms["target_k"]) > 0
+    # the histograms count the last validation's horizons, the val/mean_* metrics average them
+    hist = module.histograms
+    assert len(hist["target_k"]) == len(hist["pred_k"]) == 6
+    assert sum(hist["target_k"]) == sum(hist["pred_k"]) > 0
+    assert float(trainer.callback_metrics["val/mean_target_k"]) == pytest.approx(hist_mean(hist["target_k"]), rel=1e-5)
+    assert float(trainer.callback_metrics["val/mean_pred_k"]) == pytest.approx(hist_mean(hist["pred_k"]), rel=1e-5)
     out = module.export_hf(tmp_path / "stage2")
     assert sorted(p.name for p in out.iterdir()) == ["fluid.json", "khead.safetensors"]
     fm = load_fluid(out)
     head, tok2, meta = fm.head, fm.tokenizer, fm.meta
     assert meta == CheckpointMeta.read(out) and meta.stage == 2
     assert meta.stage1_checkpoint == str(ckpt.resolve()) and head.horizon == 6
+    assert meta.histograms == hist and meta.tau == 6.0 and meta.sigma == 1.5
     torch.testing.assert_close(head.net[0].weight, module.head.net[0].weight)
     assert len(tok2) == len(tok)
 

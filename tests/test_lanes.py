@@ -4,27 +4,13 @@ forward over its clean prefix plus its own slots; the fast mask equals the dense
 import pytest
 import torch
 
-from fluid.data.sft import IGNORE
 from fluid.lanes import FixedSchedule, FluidSchedule, FullLanes, dense_allowed, dense_float_mask, expand_lanes
 from fluid.lanes.attention import lane_mask_mod
 from fluid.lanes.expand import MAIN, PAD
-from tests.conftest import tiny_model
-
-VOCAB, MASK, PAD_ID = 128, 3, 0
-NOISE = torch.arange(4, VOCAB)
-
-
-def make_batch(lengths=(20, 14, 9), prompt=(5, 3, 4), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.full((len(lengths), n), PAD_ID)
-    labels = torch.full((len(lengths), n), IGNORE)
-    am = torch.zeros((len(lengths), n), dtype=torch.long)
-    for r, (m, p) in enumerate(zip(lengths, prompt)):
-        ids[r, :m] = torch.randint(4, VOCAB, (m,), generator=g)
-        labels[r, p - 1: m - 1] = ids[r, p:m]
-        am[r, :m] = 1
-    return ids, labels, am
+from fluid.nn import IGNORE
+from tests.conftest import LANE_VOCAB as VOCAB
+from tests.conftest import MASK_ID as MASK
+from tests.conftest import NOISE, PAD_ID, make_batch, tiny_model
 
 
 def expand(schedule, seed=0, **kw):

@@ -3,6 +3,7 @@ two-value tau multirun through the real CLI in a subprocess."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluid.train import train
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, hist_mean
 
 SMALL = ["logger=csv", "trainer.enable_progress_bar=false", "data.source.n_train=200", "data.source.n_val=16",
          "data.source.n_test=8", "stage.module.eval_max_new_tokens=16", "trainer.enable_model_summary=false"]
@@ -36,6 +37,26 @@ def run_stage(stage, tmp_path, cache_dir, artifacts, *extra):
     return on_disk
 
 
+def assert_accuracy_is_the_runs_own(run, m, n_test=8):
+    """``test/accuracy`` is the share of correct rows in the run's ``test_predictions.jsonl``, and
+    each row's verdict is the exact match of its completion with the test split's answer."""
+    from fluid.data.arith import ArithTask
+    from fluid.eval.answers import exact_match
+
+    rows = [json.loads(line) for line in (run / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == n_test
+    assert [r["reference"] for r in rows] == [str(p.answer) for p in ArithTask(seed=0).problems("test", n_test)]
+    assert [r["correct"] for r in rows] == [bool(exact_match(r["completion"], r["reference"])) for r in rows]
+    assert m["test/accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / n_test)
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.fixture(scope="module")
 def stage0(tmp_path_factory, cache_dir, artifacts):
     d = tmp_path_factory.mktemp("stage0")
@@ -52,14 +73,27 @@ def test_stage0_writes_metrics_and_reloadable_checkpoint(stage0, artifacts):
     run, m = stage0
     for key in ("train/loss", "val/loss", "test/accuracy", "checkpoint_dir", "wall_time_s", "train/steps"):
         assert key in m, key
-    assert m["train/steps"] == 4 and 0.0 <= m["test/accuracy"] <= 1.0
+    assert m["train/steps"] == 4
+    assert_accuracy_is_the_runs_own(run, m)
     model = AutoModelForCausalLM.from_pretrained(m["checkpoint_dir"])
     tok = AutoTokenizer.from_pretrained(m["checkpoint_dir"])
     assert tok.mask_token == "<|mask|>" and tok.chat_template
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert json.loads((run / "checkpoint" / "fluid.json").read_text())["stage"] == 0
-    for name in ("config.yaml", "git.json", "test_predictions.jsonl", "csv/metrics.csv"):
-        assert (run / name).exists(), name
+    # the run directory: its resolved config (with this run's overrides), git revision and CSV log
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg.stage.id == 0 and cfg.trainer.max_steps == 4 and cfg.trainer.val_check_interval == 2
+    assert cfg.data.source.n_train == 200 and cfg.data.source.n_test == 8 and cfg.paths.output_dir == str(run)
+    git = json.loads((run / "git.json").read_text())
+    in_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+    if in_git:  # the checkout's revision at the run's start: HEAD or (committed since) one of its ancestors
+        assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and git["dirty"] in (True, False), git
+        assert subprocess.run(["git", "merge-base", "--is-ancestor", git["commit"], "HEAD"], cwd=ROOT).returncode == 0
+    else:
+        assert git == {"commit": None, "dirty": None}
+    val = [r for r in read_csv(run / "csv" / "metrics.csv") if r.get("val/loss")]
+    assert [int(r["step"]) for r in val] == [1, 3]  # validation every 2 steps (0-based step index)
+    assert float(val[-1]["val/loss"]) == pytest.approx(m["val/loss"], rel=1e-5)
     assert (artifacts / "tiny-ar").resolve() == (run / "checkpoint").resolve()  # where stage 1 starts
 
 
@@ -69,7 +103,8 @@ def test_stage1_adapts_the_prior_and_exports(stage0, stage1, artifacts):
                 "train/expanded_len", "checkpoint_dir"):
         assert key in m, key
     assert m["train/expanded_len"] > 0
-    # the embedded backbone is fully fine-tuned (backbone.stage1_lora=false): no adapter to write
+    assert_accuracy_is_the_runs_own(run, m)
+    # the embedded backbone is fully fine-tuned (its stage-1 recipe: stage.module.lora.enabled=false): no adapter
     assert not (run / "adapter").exists()
     meta = json.loads((run / "checkpoint" / "fluid.json").read_text())
     assert meta["stage"] == 1 and meta["horizon"] == 4 and meta["source_backbone"] == "tiny"
@@ -88,10 +123,14 @@ def test_stage2_trains_the_head(stage1, tmp_path, cache_dir, artifacts):
     for key in ("train/loss", "val/head_acc", "val/head_acc_within1", "val/mean_target_k", "val/mean_pred_k",
                 "checkpoint_dir"):
         assert key in m, key
-    assert 1 <= m["val/mean_target_k"] <= 4
     meta = json.loads((tmp_path / "checkpoint" / "fluid.json").read_text())
     assert meta["horizon"] == 4 and meta["tau"] == 2.8
-    assert sum(meta["histograms"]["target_k"]) > 0
+    # the exported histograms count the final validation's horizons (k = 1..4), whose means are the metrics
+    hist = meta["histograms"]
+    assert len(hist["target_k"]) == len(hist["pred_k"]) == 4
+    assert sum(hist["target_k"]) == sum(hist["pred_k"]) > 0
+    assert m["val/mean_target_k"] == pytest.approx(hist_mean(hist["target_k"]), rel=1e-5)
+    assert m["val/mean_pred_k"] == pytest.approx(hist_mean(hist["pred_k"]), rel=1e-5)
 
 
 def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artifacts):
@@ -109,8 +148,14 @@ def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artif
     assert [row["tau/value"] for row in summary["rows"]] == [1.5, 4.0]
     ks = [row["val/mean_target_k"] for row in summary["rows"]]
     assert ks[0] <= ks[1]  # a higher threshold never gives shorter targets
-    assert (sweep / "summary.md").read_text().count("\n") == 4
+    for d, row in zip(runs, summary["rows"]):  # each row is its run's own metrics.json
+        assert row["run"] == d
+        assert row["val/mean_target_k"] == json.loads((sweep / d / "metrics.json").read_text())["val/mean_target_k"]
+    table = (sweep / "summary.md").read_text()
+    assert table.count("\n") == 4
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == runs
     assert (sweep / "summary.png").stat().st_size > 1000
+    assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     groups = {OmegaConf.load(sweep / d / "config.yaml").logger.wandb.group for d in runs}
     assert len(groups) == 1 and None not in groups  # one W&B group for the whole sweep
     assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
@@ -170,4 +215,50 @@ def test_bench_decode_script_runs_and_reports_every_row(stage2, tmp_path):
                 assert field in row, (name, key, field)
     for name in ("fluid", "fluid_fixed_k", "published_loop"):
         assert report[name]["batch1"]["identical_to_ar"] == 1.0
+    for key in ("batch1", "batch16"):
+        ar = report["ar"][key]
+        assert ar["tpf"] == 1.0 and ar["identical_to_ar"] == 1.0 and ar["speedup_vs_ar"] == 1.0
+        assert report["fluid"][key]["identical_to_ar"] == 1.0  # lossless at any batch size
+        for name in ("ar", "fluid", "fluid_fixed_k", "fluid_noverify", "published_loop"):
+            row = report[name][key]
+            assert row["tpf"] == pytest.approx(row["generated_tokens"] / row["nfe"]), (name, key)
+            if row["identical_to_ar"] == 1.0:  # the same tokens score the same
+                assert row["accuracy"] == ar["accuracy"], (name, key)
+        assert report["fluid_fixed_k"][key]["k"] == report["meta"]["best_fixed_k"] in (2, 3)
     assert "TPF" in r.stdout
+
+
+def test_load_fluid_reads_the_pipelines_checkpoints(stage1, stage2):
+    """``fluid.checkpoint.load_fluid`` on what stages 1 and 2 wrote: the stage-1 backbone with its
+    MASK id, the stage-2 K-head over those same weights, and a lossless decoder from the two."""
+    from fluid.checkpoint import load_fluid
+    from fluid.data.arith import ArithTask
+    from fluid.decoding import DecodeConfig, FluidDecoder
+    from fluid.decoding.ar import greedy_generate
+    from fluid.generate import encode
+    from fluid.khead import KHead
+
+    run1, m1 = stage1
+    s1 = load_fluid(m1["checkpoint_dir"])
+    assert s1.head is None and s1.meta.stage == 1 and s1.meta.horizon == 4 and not s1.model.training
+    assert s1.mask_token_id == s1.tokenizer.mask_token_id == s1.tokenizer.convert_tokens_to_ids("<|mask|>")
+
+    s2 = load_fluid(stage2 / "checkpoint")
+    assert s2.meta.stage == 2 and s2.meta.stage1_checkpoint == m1["checkpoint_dir"]
+    assert isinstance(s2.head, KHead) and s2.head.horizon == s1.meta.horizon == s2.meta.horizon
+    assert s2.mask_token_id == s1.mask_token_id
+    w1, w2 = s1.model.state_dict(), s2.model.state_dict()
+    assert list(w2) == list(w1)
+    for name, w in w2.items():
+        assert torch.equal(w, w1[name]), name
+
+    tok = s2.tokenizer
+    ids = [encode(tok, p.question, chat=True) for p in ArithTask(seed=0).problems("test", 2)]
+    ref = greedy_generate(s1.model, ids, max_new_tokens=24, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id).tokens
+    dec = FluidDecoder(s2.model, tok, head=s2.head, mask_token_id=s2.mask_token_id,
+                       config=DecodeConfig(max_new_tokens=24, k_min=1, k_max=4))
+    for bs in (1, 2):
+        out = dec.generate(ids, batch_size=bs)
+        assert out["tokens"] == ref, bs
+        assert all(r.horizons and sum(r.accepted) == len(r.tokens) for r in out["rows"])
