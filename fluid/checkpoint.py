@@ -78,9 +78,12 @@ class CheckpointMeta:
         return out / FLUID_JSON
 
 
-def mask_token_id(meta: CheckpointMeta, tokenizer) -> int | None:
-    """The MASK id of a checkpoint: the one its training recorded, else the tokenizer's own."""
-    return meta.mask_token_id if meta.mask_token_id is not None else tokenizer.mask_token_id
+def mask_token_id(meta: CheckpointMeta | int | None, tokenizer) -> int | None:
+    """The MASK id to use: the one training recorded (a checkpoint's metadata, or an id given
+    explicitly), else the tokenizer's own. Stage 1 decides it (``resolve_mask_token``) and
+    records it in ``fluid.json``; everything after reads it through this function."""
+    recorded = meta.mask_token_id if isinstance(meta, CheckpointMeta) else meta
+    return recorded if recorded is not None else tokenizer.mask_token_id
 
 
 @dataclass

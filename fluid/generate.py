@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
     dtype = DTYPES[cfg.dtype]
     fm = load_fluid(cfg.checkpoint, device=device, dtype=dtype)
     model, head, tok = fm.model, fm.head, fm.tokenizer
-    mask = cfg.mask_token_id if cfg.mask_token_id is not None else fm.mask_token_id
+    mask = fm.mask_token_id if cfg.mask_token_id is None else cfg.mask_token_id  # an explicit id overrides fluid.json
     dcfg = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
     if dcfg.algorithm == "fluid" and dcfg.horizon == "head" and head is None:
         raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",

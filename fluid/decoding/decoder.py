@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from fluid.checkpoint import mask_token_id as resolve_mask_id
 from fluid.decoding import ar, fluid, published
 from fluid.decoding.config import DecodeConfig
 from fluid.decoding.horizon import horizon_source
@@ -23,7 +24,7 @@ class FluidDecoder:
     def __init__(self, model, tokenizer, head=None, mask_token_id: int | None = None,
                  config: DecodeConfig | None = None, stop_strings: Sequence[str] = ()):
         self.model, self.tokenizer, self.head = model.eval(), tokenizer, head
-        self.mask_id = mask_token_id if mask_token_id is not None else tokenizer.mask_token_id
+        self.mask_id = resolve_mask_id(mask_token_id, tokenizer)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.config = (config or DecodeConfig()).validate()
@@ -35,8 +36,6 @@ class FluidDecoder:
         """Decode ``prompts`` (token ids or chat-free strings) in batches; returns texts and stats.
         ``overrides`` are :class:`DecodeConfig` fields for this call."""
         cfg = replace(self.config, **overrides).validate() if overrides else self.config
-        if cfg.algorithm == "fluid" and cfg.horizon == "head" and self.head is None:
-            raise ValueError("decode.horizon=head needs a K-head (load a stage-2 checkpoint) or use horizon=fixed")
         if cfg.algorithm != "ar" and self.mask_id is None:
             raise ValueError("the tokenizer has no mask token; pass mask_token_id (see the checkpoint's fluid.json)")
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
