@@ -168,7 +168,7 @@ def test_bad_config_is_named():
 
 def test_fill_threshold_follows_verification_unless_set():
     assert DecodeConfig().fill_threshold == 0.3                  # lossless: drafting eagerly pays
-    assert DecodeConfig(verify=False).fill_threshold == 0.9      # lossy: DESIGN's reference
+    assert DecodeConfig(verify=False).fill_threshold == 0.9      # lossy: the method's reference
     assert DecodeConfig(confidence=0.5, verify=False).fill_threshold == 0.5
 
 

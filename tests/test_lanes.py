@@ -1,4 +1,4 @@
-"""DESIGN section 1: lanes are invisible to main tokens, and each lane equals a separate
+"""docs/method.md sections 1-3: lanes are invisible to main tokens, and each lane equals a separate
 forward over its clean prefix plus its own slots; the fast mask equals the dense rule."""
 
 import pytest
@@ -105,7 +105,7 @@ def test_fluid_schedule_uniform_ratio_and_lengths():
     lane_len = (lb.slot.max(dim=1).values)  # at least one full-length lane in a long row
     assert (lane_len == 16).all()
     expansion = lb.valid.sum().item() / am.sum().item()
-    assert 4.5 < expansion < 6.0  # ~ 1 + 0.5 * 8.5 = 5.25 (DESIGN)
+    assert 4.5 < expansion < 6.0  # ~ 1 + 0.5 * 8.5 = 5.25 (docs/method.md section 1)
 
 
 def test_determinism_and_budget():

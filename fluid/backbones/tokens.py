@@ -1,4 +1,4 @@
-"""The MASK token: resolve the configured one, or add it (DESIGN section 1, item 7)."""
+"""The MASK token: resolve the configured one, or add it (docs/method.md section 1)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Convention used everywhere in FLUID: ``labels[i]`` is the target *of position i*, i.e. the
 next token ``x[i+1]`` when that token belongs to the response, else ``IGNORE``. Position
-``i`` is *supervised* iff ``labels[i] != IGNORE`` (DESIGN section 1).
+``i`` is *supervised* iff ``labels[i] != IGNORE`` (docs/method.md sections 1-3).
 """
 
 from __future__ import annotations

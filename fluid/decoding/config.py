@@ -20,7 +20,7 @@ class DecodeConfig:
     k_min: int = 4
     k_max: int = 16
     # draft-fill threshold; None: 0.3 with verification (a wrong draft only ends a block early,
-    # an empty slot costs a forward: measured fastest), DESIGN's reference 0.9 without (drafts
+    # an empty slot costs a forward: measured fastest), the method's reference 0.9 without (drafts
     # are then committed as they are)
     confidence: float | None = None
     verify: bool = True

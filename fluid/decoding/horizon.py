@@ -35,7 +35,7 @@ class HorizonSource:
 
 
 class HeadHorizon(HorizonSource):
-    """The K-head on the anchor's final hidden state (DESIGN 3.1)."""
+    """The K-head on the anchor's final hidden state (docs/method.md section 5)."""
 
     def __init__(self, cfg: DecodeConfig, head: torch.nn.Module):
         super().__init__(cfg)

@@ -52,7 +52,7 @@ def verified_run(win: np.ndarray, filled: np.ndarray, blen: np.ndarray, ar: np.n
 
 def block_outcome(filled: np.ndarray, c: np.ndarray, blen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(complete, mismatch, cont)`` per row after committing ``c`` slots: the block was accepted
-    whole; the run stopped at a filled slot that is not the AR argmax (the block ends, DESIGN's
+    whole; the run stopped at a filled slot that is not the AR argmax (the block ends, the method's
     verification mismatch); or it stopped at the block's first empty slot (drafting goes on)."""
     complete = c >= blen
     at = np.clip(np.minimum(c, blen - 1), 0, None)

@@ -1,4 +1,4 @@
-"""GSM8K-style answer extraction and exact match (DESIGN section 4)."""
+"""GSM8K-style answer extraction and exact match (docs/method.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2 (DESIGN section 2): the K-head and its targets."""
+"""Stage 2 (docs/method.md section 4): the K-head and its targets."""
 
 from fluid.khead.head import KHead
 from fluid.khead.targets import k_star, kl_to_soft_labels, lane_slot_losses, soft_labels

@@ -6,7 +6,7 @@ hidden state ``(A, H)``, the per-slot losses ``(A, K)`` and which slots count ``
 * ``expanded``: one forward over the expanded batch with the lane attention rule (dense
   float mask, or flex on CUDA), then :func:`lane_slot_losses` gathers the slots. Memory is
   that of one training-style forward; this is the path for big models on GPUs.
-* ``prefix``: the two properties of DESIGN section 1 used directly. By *invisibility* the
+* ``prefix``: the two properties of docs/method.md sections 1-3 used directly. By *invisibility* the
   main tokens' states are those of a plain causal forward of ``x``; by *lane equivalence* a
   lane's logits are those of ``x[0..i]`` followed by the lane. So: one causal forward over the
   unexpanded batch fills a KV cache, then every lane runs as its own short sequence over

@@ -1,4 +1,4 @@
-"""K-head targets as pure functions (DESIGN section 2).
+"""K-head targets as pure functions (docs/method.md section 4).
 
 per-slot losses of full-length lanes -> ``K* = max{k : mean(l_1..l_k) < tau}`` (at least 1)
 -> Gaussian soft labels centred on class ``K*-1`` -> KL(q || softmax(head)).

@@ -1,4 +1,4 @@
-"""Stage-1 lanes (DESIGN section 1): batch expansion and the strictly causal attention rule."""
+"""Stage-1 lanes (docs/method.md sections 1-3): batch expansion and the strictly causal attention rule."""
 
 from fluid.lanes.attention import AttentionBackend, block_mask, dense_allowed, dense_float_mask
 from fluid.lanes.expand import LaneBatch, expand_lanes

@@ -1,4 +1,4 @@
-"""Batch expansion with lanes (DESIGN section 1), as a pure function.
+"""Batch expansion with lanes (docs/method.md sections 1-3), as a pure function.
 
 Row layout: main token 0, [lane of 0], main token 1, [lane of 1], ...  Slot ``j`` (1..k) of
 the lane after anchor ``i`` has position id ``i + j`` and target ``x[i+j+1]`` (the label of

@@ -32,7 +32,7 @@ class LaneSchedule:
 
 
 class FluidSchedule(LaneSchedule):
-    """DESIGN: ``k ~ U{1..K}``, ``r ~ U(0, 1)`` per lane."""
+    """The method (docs/method.md section 1): ``k ~ U{1..K}``, ``r ~ U(0, 1)`` per lane."""
 
     def __init__(self, anchor_prob: float = 0.5, horizon: int = 16, restore: str = "uniform",
                  noise_prob: float = 0.1):
@@ -68,7 +68,7 @@ class FixedSchedule(LaneSchedule):
 
 
 class FullLanes(FixedSchedule):
-    """Stage 2 (DESIGN section 2): every lane has all K slots, no restoration, no noise."""
+    """Stage 2 (docs/method.md section 4): every lane has all K slots, no restoration, no noise."""
 
     def __init__(self, anchor_prob: float = 0.5, horizon: int = 16):
         super().__init__(anchor_prob, horizon, restore_ratio=0.0, noise_prob=0.0)

@@ -1,4 +1,4 @@
-"""Stage 1: strictly causal lane training (``HybridDiffusionModule``), DESIGN section 1.
+"""Stage 1: strictly causal lane training (``HybridDiffusionModule``), docs/method.md sections 1-3.
 
 Orchestration only: the maths lives in :mod:`fluid.lanes` (expansion, attention rule).
 Loss ``L = L_AR + L_Diff``: cross-entropy on main tokens plus on lane slots, averaged over

@@ -1,4 +1,4 @@
-"""Stage 2: the K-head on a frozen stage-1 model (``KHeadModule``), DESIGN section 2.
+"""Stage 2: the K-head on a frozen stage-1 model (``KHeadModule``), docs/method.md section 4.
 
 The backbone is frozen completely (no gradients, no optimiser state, forward under
 no-grad); one forward over full-length lanes gives per-slot losses, from which the
