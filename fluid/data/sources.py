@@ -39,6 +39,34 @@ def _read_jsonl(path: Path, key: str) -> list[dict]:
     return rows
 
 
+def _ways(key: str, split: str, hub_id: str | None, hub_config: str | None) -> str:
+    hub = f"`pip install datasets` to load {hub_id!r}" + (f" (config {hub_config!r})" if hub_config else "") + \
+        " from the Hugging Face hub" if hub_id else "no public copy is configured"
+    return f"set {key}=DIR (DIR/{split}.jsonl) or FLUID_DATA=DIR for a local copy, or {hub}"
+
+
+def read_split(split: str, data_dir: str | None, hub_id: str | None, hub_config: str | None, key: str) -> list[dict]:
+    """The rows of one split: ``data_dir/<split>.jsonl`` (or ``data_dir`` itself when it is a
+    ``.jsonl`` file) when a local copy is set, else the public copy ``hub_id`` through the
+    ``datasets`` library; either failure is one :class:`FluidConfigError` naming both ways."""
+    if data_dir:
+        d = Path(data_dir).expanduser()
+        return _read_jsonl(d if d.suffix == ".jsonl" else d / f"{split}.jsonl", key)
+    if not hub_id:
+        raise FluidConfigError(key, "no local copy is set", _ways(key, split, hub_id, hub_config))
+    try:
+        import datasets
+    except ImportError:
+        raise FluidConfigError(key, "no local copy is set and the `datasets` library is not installed",
+                               _ways(key, split, hub_id, hub_config)) from None
+    try:
+        return [dict(r) for r in datasets.load_dataset(hub_id, hub_config, split=split)]
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, ...: one line either way
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FluidConfigError(key, f"no local copy is set and loading {hub_id!r} from the hub failed: {first}",
+                               _ways(key, split, hub_id, hub_config)) from None
+
+
 _CALC = re.compile(r"<<[^>]*>>")
 
 
@@ -85,27 +113,8 @@ class GSM8KSource(_ReadOnUse):
         self.n_val, self.seed, self.strip_calculator = n_val, seed, strip_calculator
         self.n_train, self.n_test = n_train, n_test
 
-    def _ways(self) -> str:
-        return (f"set FLUID_DATA=DIR (DIR/gsm8k/train.jsonl, test.jsonl) or {self.KEY}=DIR (DIR/train.jsonl, "
-                f"test.jsonl) for a local copy, or `pip install datasets` to load {self.hub_id!r} (config "
-                f"{self.hub_config!r}) from the Hugging Face hub")
-
     def _rows(self) -> dict[str, list[dict]]:
-        if self.data_dir:
-            d = Path(self.data_dir).expanduser()
-            return {s: _read_jsonl(d / f"{s}.jsonl", self.KEY) for s in ("train", "test")}
-        try:
-            import datasets
-        except ImportError:
-            raise FluidConfigError(self.KEY, "no local copy is set and the `datasets` library is not installed",
-                                   self._ways()) from None
-        try:
-            ds = datasets.load_dataset(self.hub_id, self.hub_config)
-            return {s: [dict(r) for r in ds[s]] for s in ("train", "test")}
-        except Exception as e:  # noqa: BLE001 - offline, unknown id, ...: one line either way
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise FluidConfigError(self.KEY, f"no local copy is set and loading {self.hub_id!r} from the hub failed: "
-                                   f"{first}", self._ways()) from None
+        return {s: read_split(s, self.data_dir, self.hub_id, self.hub_config, self.KEY) for s in ("train", "test")}
 
     def _read(self) -> dict[str, list[dict]]:
         rows = self._rows()

@@ -20,6 +20,14 @@ ALGORITHMS = {"fluid": fluid, "ar": ar, "published": published}
 RECOMPILE_LIMIT = 64  # shapes vary by design (rows leave, blocks and the cache change length)
 
 
+def _progress_bar(label: str | None, total: int):
+    if label is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="prompt", dynamic_ncols=True)
+
+
 class FluidDecoder:
     def __init__(self, model, tokenizer, head=None, mask_token_id: int | None = None,
                  config: DecodeConfig | None = None, stop_strings: Sequence[str] = ()):
@@ -32,9 +40,10 @@ class FluidDecoder:
         self._compiled = None
 
     def generate(self, prompts: Sequence[Sequence[int] | str], reference: Sequence[Sequence[int]] | None = None,
-                 **overrides) -> dict:
+                 progress: str | None = None, **overrides) -> dict:
         """Decode ``prompts`` (token ids or chat-free strings) in batches; returns texts and stats.
-        ``overrides`` are :class:`DecodeConfig` fields for this call."""
+        ``overrides`` are :class:`DecodeConfig` fields for this call; ``progress``: a label, to
+        show a progress bar (prompts done) under it on stderr."""
         cfg = replace(self.config, **overrides).validate() if overrides else self.config
         if cfg.algorithm != "ar" and self.mask_id is None:
             raise ValueError("the tokenizer has no mask token; pass mask_token_id (see the checkpoint's fluid.json)")
@@ -45,6 +54,7 @@ class FluidDecoder:
         algo = ALGORITHMS[cfg.algorithm]
         rule = StopRule(cfg.max_new_tokens, self.eos_id, self.tokenizer, self.stop_strings)
         stats: list[RowStats] = []
+        bar = _progress_bar(progress, len(ids))
         t0 = time.perf_counter()
         bs = 1 if algo.ONE_PROMPT_AT_A_TIME else cfg.batch_size
         for start in range(0, len(ids), bs):
@@ -53,7 +63,11 @@ class FluidDecoder:
             ctx = Context(horizon=horizon_source(cfg, self.head, ref) if cfg.algorithm != "ar" else None,
                           rule=rule, mask_id=self.mask_id)
             stats.extend(self._decode(algo, chunk, cfg, ctx))
+            if bar is not None:
+                bar.update(len(chunk))
         wall = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
         n_tok = sum(len(s.tokens) for s in stats)
         return {"texts": [self._text(s.tokens) for s in stats], "tokens": [s.tokens for s in stats], "rows": stats,
                 "wall_time_s": wall, "generated_tokens": n_tok,

