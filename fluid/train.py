@@ -110,8 +110,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, _recursive_=True)
         module = build(cfg.stage.module, backbone=spec, tokenizer=tokenizer, **_stage_kwargs(cfg))
-        trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=_instantiate_dict(cfg.logger) or False,
-                              callbacks=_instantiate_dict(cfg.get("callbacks")))
+        loggers = _instantiate_dict(cfg.logger)
+        callbacks = [c for c in _instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
+                     if loggers or type(c).__name__ != "LearningRateMonitor"]
+        trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=loggers or False, callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if _needs_final_validation(trainer):  # val/* in metrics.json describe the final weights

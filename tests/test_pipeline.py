@@ -158,7 +158,11 @@ def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artif
     assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     groups = {OmegaConf.load(sweep / d / "config.yaml").logger.wandb.group for d in runs}
     assert len(groups) == 1 and None not in groups  # one W&B group for the whole sweep
-    assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
+    wandb_runs = list(sweep.glob("*/wandb/offline-run-*"))
+    assert len(wandb_runs) == 2
+    for run in wandb_runs:  # stage 2 logs its horizon histograms as W&B histograms
+        record = next(run.glob("run-*.wandb")).read_bytes()
+        assert b"val/target_k_hist" in record and b"val/pred_k_hist" in record and b"histogram" in record
     link = artifacts / "tiny-stage2"  # a sweep's jobs do not fight over the published link
     assert not link.exists() or sweep.resolve() not in link.resolve().parents
 
@@ -226,6 +230,22 @@ def test_bench_decode_script_runs_and_reports_every_row(stage2, tmp_path):
                 assert row["accuracy"] == ar["accuracy"], (name, key)
         assert report["fluid_fixed_k"][key]["k"] == report["meta"]["best_fixed_k"] in (2, 3)
     assert "TPF" in r.stdout
+
+
+def test_evaluate_cli_on_the_pipelines_checkpoint(stage2, tmp_path):
+    """``python -m fluid.evaluate benchmark=arith`` on what stage 2 wrote: AR and FLUID side by
+    side, lossless, every file in the run directory."""
+    run = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "fluid.evaluate", "benchmark=arith", f"checkpoint={stage2 / 'checkpoint'}", "limit=4",
+           "decode.max_new_tokens=16", "progress=false", f"hydra.run.dir={run}"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["n_samples"] == 4
+    assert m["fluid/identical_to_ar"] == 1.0 and m["fluid/accuracy"] == m["ar/accuracy"]
+    assert {"samples.jsonl", "results.md", "speed_accuracy.png", "config.yaml", "evaluate.log"} <= \
+        {p.name for p in run.iterdir()}
+    assert "fluid" in r.stdout and "speedup" in r.stdout
 
 
 def test_load_fluid_reads_the_pipelines_checkpoints(stage1, stage2):

@@ -159,6 +159,20 @@ def _math_verify():
     return math_verify
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces matched."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
 class MATH500(Benchmark):
     """The 500-problem MATH subset: the last ``\\boxed{}`` of the output, compared with the
     reference answer for mathematical equivalence by ``math-verify``."""
@@ -179,7 +193,8 @@ class MATH500(Benchmark):
     def correct(self, sample: Sample, output: str) -> bool:
         mv = _math_verify()
         gold = mv.parse(f"\\boxed{{{sample.reference}}}")
-        pred = mv.parse(output)
+        boxed = last_boxed(output)  # the final answer; without one, math-verify's own extraction
+        pred = mv.parse(output if boxed is None else f"\\boxed{{{boxed}}}")
         return bool(gold) and bool(pred) and mv.verify(gold, pred)
 
 
@@ -235,8 +250,8 @@ class MMLU(Benchmark):
     modes = MODES
     q_prefix = ""
 
-    def __init__(self, subjects: Sequence[str] | None = None, **kw):
-        super().__init__(**kw)
+    def __init__(self, subjects: Sequence[str] | None = None, fewshot_split: str = "dev", **kw):
+        super().__init__(fewshot_split=fewshot_split, **kw)
         self.subjects = set(subjects) if subjects else None
 
     def rows(self, split: str) -> list[dict]:

@@ -1,0 +1,299 @@
+"""``python -m fluid.evaluate``: each benchmark's loader and scorer on a small fixture, and whole
+evaluations of tiny random models through Hydra's compose API into tmp_path (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from fluid.eval.benchmarks import GSM8K, MATH500, MMLU, Arith, HumanEval
+from fluid.utils.errors import FluidConfigError
+
+# ------------------------------------------------------------------ fixtures (written by the tests)
+GSM8K_ROWS = {
+    "train": [{"question": "Tom has 3 apples and buys 4 more. How many apples?",
+               "answer": "Tom has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
+              {"question": "A box holds 2 pens. How many pens are in 5 boxes?", "answer": "5 * 2 = 10\n#### 10"}],
+    "test": [{"question": "Sam earns 1200 dollars a week for 2 weeks. How much?",
+              "answer": "1200 * 2 = <<1200*2=2400>>2400\n#### 2,400"},
+             {"question": "Half of 37 is?", "answer": "37 / 2 = 18.5\n#### 18.5"},
+             {"question": "What is 9 + 9?", "answer": "9 + 9 = 18\n#### 18"}],
+}
+MATH_ROWS = [{"problem": "What is $1 \\div 2$?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "answer": "\\frac{1}{2}",
+              "subject": "Prealgebra", "level": 1, "unique_id": "test/prealgebra/1.json"},
+             {"problem": "Convert $(0,3)$ to polar coordinates.", "solution": "...",
+              "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
+              "unique_id": "test/precalculus/807.json"}]
+MMLU_ROWS = {
+    "test": [{"question": "What is 2 + 2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"],
+              "answer": 1},
+             {"question": "The capital of France is", "subject": "geography", "choices": ["Rome", "Berlin", "Paris",
+                                                                                          "Oslo"], "answer": 2}],
+    "dev": [{"question": "What is 1 + 1?", "subject": "elementary_mathematics", "choices": ["2", "3", "4", "5"],
+             "answer": 0}],
+}
+
+
+def write_split(d: Path, rows_by_split: dict[str, list[dict]]) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+@pytest.fixture
+def gsm8k_dir(tmp_path) -> Path:
+    return write_split(tmp_path / "gsm8k", GSM8K_ROWS)
+
+
+# --------------------------------------------------------------------------- GSM8K
+def test_gsm8k_loader_reference_and_scorer(gsm8k_dir):
+    b = GSM8K(data_path=str(gsm8k_dir))
+    s = b.samples()
+    assert [x.reference for x in s] == ["2400", "18.5", "18"]  # commas dropped from "#### 2,400"
+    assert b.correct(s[0], "He earns $2,400 in total.")          # comma in the output
+    assert b.correct(s[0], "so 2400.00 dollars")                  # trailing decimal zeros
+    assert not b.correct(s[0], "He earns 240 dollars")
+    assert b.correct(s[1], "37 / 2 = 18.5\n#### 18.5")
+    assert not b.correct(s[1], "#### 18")                         # 18 is not 18.5
+    assert b.correct(s[2], "9 + 9 = 18, then #### 18\nand 5 more")  # the number after ####, not the last one
+    assert not b.correct(s[2], "no number here")
+    assert len(GSM8K(data_path=str(gsm8k_dir), split="test").samples(limit=2)) == 2
+
+
+def test_gsm8k_fewshot_and_chat_off(gsm8k_dir):
+    b = GSM8K(data_path=str(gsm8k_dir), num_fewshot=2, chat=False)
+    text = b.plain(b.samples()[0])
+    # the first two training problems, calculator annotations stripped, then the question
+    assert text.startswith("Question: Tom has 3 apples") and "<<" not in text
+    assert text.index("A box holds") < text.index("Sam earns") and text.endswith("Answer:")
+    msgs = GSM8K(data_path=str(gsm8k_dir), num_fewshot=1).messages(b.samples()[2])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"] and msgs[1]["content"].endswith("#### 7")
+    with pytest.raises(FluidConfigError, match="benchmark.num_fewshot"):
+        GSM8K(data_path=str(gsm8k_dir), num_fewshot=-1)
+
+
+def test_missing_data_names_both_ways(tmp_path, monkeypatch):
+    with pytest.raises(FluidConfigError, match=r"benchmark.data_path: .*does not exist"):
+        GSM8K(data_path=str(tmp_path / "nowhere")).samples()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
+    with pytest.raises(FluidConfigError) as e:
+        GSM8K(hub_id="openai/gsm8k", hub_config="main").samples()
+    msg = str(e.value)
+    assert "\n" not in msg and "benchmark.data_path=DIR" in msg and "pip install datasets" in msg and "openai/gsm8k" in msg
+
+
+# --------------------------------------------------------------------------- MATH500
+def test_math500_equivalent_latex_forms(tmp_path):
+    b = MATH500(data_path=str(write_split(tmp_path / "math", {"test": MATH_ROWS})))
+    half, polar = b.samples()
+    assert half.id == "test/prealgebra/1.json" and "\\boxed{}" in b.prompt_text(half)
+    for same in ("so the answer is $\\boxed{0.5}$", "$\\boxed{\\dfrac12}$", "\\boxed{1/2}", "\\boxed{\\frac{2}{4}}"):
+        assert b.correct(half, same), same
+    for wrong in ("\\boxed{2}", "\\boxed{\\frac{1}{3}}", "I do not know"):
+        assert not b.correct(half, wrong), wrong
+    assert b.correct(polar, "The point is $\\boxed{(3, \\pi/2)}$.")
+    assert not b.correct(polar, "$\\boxed{(3, \\pi)}$")
+    assert b.correct(half, "first \\boxed{3}, corrected: \\boxed{\\frac{1}{2}}")  # the last boxed answer counts
+
+
+# --------------------------------------------------------------------------- HumanEval
+def test_humaneval_through_the_benchmark(tmp_path):
+    b = HumanEval(chat=False, timeout_s=3.0)
+    s = b.samples(limit=3)
+    assert [x.id for x in s] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    canonical = [x.reference for x in s]
+    assert b.score(s, canonical) == [True, True, True]
+    wrong = ["    return None\n", canonical[1], "    while True:\n        pass\n"]
+    assert b.score(s, wrong) == [False, True, False]  # wrong, right, timed out
+    fenced = "Here it is:\n```python\n" + s[2].question + canonical[2] + "```\nDone."
+    assert b.score(s[2:], [fenced]) == [True]         # a chat answer with the whole function
+    with pytest.raises(FluidConfigError, match="few-shot"):
+        HumanEval(num_fewshot=2)
+
+
+# --------------------------------------------------------------------------- MMLU
+def test_mmlu_rows_letters_and_fewshot(tmp_path):
+    d = write_split(tmp_path / "mmlu", MMLU_ROWS)
+    b = MMLU(data_path=str(d), num_fewshot=1)
+    math, geo = b.samples()
+    assert (math.reference, geo.reference) == ("B", "C") and math.extra["choices"][1] == "4"
+    assert "A. 3\nB. 4\nC. 5\nD. 6" in b.prompt_text(math) and "elementary mathematics" in b.prompt_text(math)
+    assert [q for q, _ in b.exemplars(math)] == ["What is 1 + 1?\nA. 2\nB. 3\nC. 4\nD. 5"]
+    assert b.exemplars(geo) == []                     # exemplars come from the same subject only
+    assert b.choose([-3.0, -1.0, -2.0, -5.0]) == "B"
+    assert b.correct(math, "The answer is (B).") and b.correct(math, "B") and not b.correct(math, "A. 3")
+    assert not b.correct(math, "I think so")
+    assert MMLU(data_path=str(d), subjects=["geography"]).samples()[0].reference == "C"
+    assert MMLU(data_path=str(d), chat=False).continuations() == [" A", " B", " C", " D"] and b.continuations()[0] == "A"
+    bad = write_split(tmp_path / "bad", {"test": [{"question": "q", "choices": ["a", "b"], "answer": 0}]})
+    with pytest.raises(FluidConfigError, match="4 choices"):
+        MMLU(data_path=str(bad)).samples()
+    with pytest.raises(FluidConfigError, match="benchmark.mode"):
+        GSM8K(mode="loglikelihood")
+
+
+def test_arith_is_the_training_task():
+    from fluid.utils.compose import compose
+
+    cfg = compose("evaluate", ["benchmark=arith"])
+    b = Arith(**{k: v for k, v in cfg.benchmark.items() if k not in ("_target_",)})
+    s = b.samples(limit=4)
+    src = b.source
+    assert [x.reference for x in s] == [str(p.answer) for p in src.task.problems("test", 4)]
+    assert b.correct(s[0], f"... #### {s[0].reference}") and not b.correct(s[0], "#### -1")
+
+
+# --------------------------------------------------------------------------- end to end
+def write_stage2(root: Path, model, tokenizer) -> Path:
+    """``model`` as a stage-1 directory and a random K-head on it as a stage-2 directory."""
+    from fluid.checkpoint import HEAD_FILE, CheckpointMeta
+    from fluid.khead.head import KHead
+
+    model.save_pretrained(root / "stage1")
+    tokenizer.save_pretrained(root / "stage1")
+    CheckpointMeta(stage=1, mask_token=tokenizer.mask_token, mask_token_id=tokenizer.mask_token_id,
+                   horizon=8).write(root / "stage1")
+    KHead(model.config.hidden_size, horizon=8).save(root / "stage2")
+    CheckpointMeta(stage=2, mask_token_id=tokenizer.mask_token_id, horizon=8,
+                   stage1_checkpoint=str(root / "stage1"), head_file=HEAD_FILE).write(root / "stage2")
+    return root / "stage2"
+
+
+@pytest.fixture(scope="module")
+def tiny_stage2(tmp_path_factory, arith_tokenizer) -> Path:
+    """A tiny random Llama and a random K-head: drafts are mostly wrong."""
+    model = tiny_model("llama", vocab_size=len(arith_tokenizer), tie_word_embeddings=True)
+    return write_stage2(tmp_path_factory.mktemp("eval-ckpt"), model, arith_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def drafting_stage2(tmp_path_factory, arith_tokenizer) -> Path:
+    """Every token embeds alike (an untied LM head): the same next token everywhere, so drafts
+    are right and whole blocks are accepted (TPF well above 1)."""
+    model = tiny_model("llama", vocab_size=len(arith_tokenizer), tie_word_embeddings=False, seed=1)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb[5].expand_as(emb))
+        # the hidden state is then the same at every position: aim the LM head's row of a visible,
+        # non-special token at it
+        h = model(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states[-1][0, -1]
+        model.lm_head.weight[arith_tokenizer.convert_tokens_to_ids("7")] = 100 * h / h.square().sum()
+    return write_stage2(tmp_path_factory.mktemp("eval-drafting"), model, arith_tokenizer)
+
+
+def run_eval(tmp_path: Path, overrides: list[str]):
+    from omegaconf import open_dict
+
+    from fluid.evaluate import evaluate
+    from fluid.utils.compose import compose
+
+    cfg = compose("evaluate", overrides + ["progress=false"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return evaluate(cfg)
+
+
+def read_samples(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
+
+
+def test_evaluate_arith_end_to_end(tmp_path, drafting_stage2):
+    m = run_eval(tmp_path, ["benchmark=arith", f"checkpoint={drafting_stage2}", "limit=6", "decode.max_new_tokens=24",
+                            "decode.batch_size=4", "decode.k_max=8", "+settings.fixed={horizon:fixed,fixed_k:4}",
+                            "+settings.noverify={verify:false}", "confidences=[0.5]", "warmup=2", "repeats=2"])
+    assert m["status"] == "completed" and m["n_samples"] == 6
+    for f in ("metrics.json", "samples.jsonl", "results.md", "speed_accuracy.png", "config.yaml"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    assert json.loads((tmp_path / "metrics.json").read_text())["fluid_c0.5/tpf"] == m["fluid_c0.5/tpf"]
+    assert (tmp_path / "speed_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = ["ar", "fluid_c0.5", "fixed_c0.5", "noverify_c0.5"]
+    for name in names:
+        for key in ("accuracy", "tpf", "tokens_per_s", "wall_time_s", "mean_accepted"):
+            assert f"{name}/{key}" in m, f"{name}/{key}"
+        assert f"| {name} |" in (tmp_path / "results.md").read_text()
+    # lossless settings: the tokens of greedy AR, so the same accuracy
+    for name in ("fluid_c0.5", "fixed_c0.5"):
+        assert m[f"{name}/identical_to_ar"] == 1.0 and m[f"{name}/accuracy"] == m["ar/accuracy"]
+        assert m[f"{name}/speedup_vs_ar"] == pytest.approx(m[f"{name}/tokens_per_s"] / m["ar/tokens_per_s"])
+    rows = read_samples(tmp_path)
+    assert len(rows) == 6 and {"id", "prompt", "reference", *names} <= set(rows[0])
+    for name in names:  # the metrics are those of the samples
+        assert m[f"{name}/accuracy"] == sum(r[name]["correct"] for r in rows) / 6
+        assert m[f"{name}/generated_tokens"] == sum(r[name]["tokens"] for r in rows)
+    assert all(r["fluid_c0.5"]["output"] == r["ar"]["output"] for r in rows)
+    assert m["fluid_c0.5/tpf"] == pytest.approx(m["fluid_c0.5/generated_tokens"] / m["fluid_c0.5/nfe"])
+    assert m["fixed_c0.5/mean_horizon"] <= 4
+    assert m["fluid_c0.5/tpf"] > 2 and m["fixed_c0.5/tpf"] > 2  # blocks were drafted and accepted
+    assert rows[0]["ar"]["output"].startswith("777")
+
+
+def test_evaluate_accuracy_is_scored_on_the_output(tmp_path, tiny_stage2, monkeypatch):
+    """A scorer that accepts every output gives 1.0; the default one on a random model does not."""
+    from fluid.eval import benchmarks
+
+    monkeypatch.setattr(benchmarks.Arith, "correct", lambda self, s, o: True)
+    m = run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=3", "decode.max_new_tokens=8"])
+    assert m["ar/accuracy"] == m["fluid/accuracy"] == 1.0
+
+
+def test_evaluate_gsm8k_and_mmlu_fixtures(tmp_path, tiny_stage2, gsm8k_dir):
+    m = run_eval(tmp_path / "gsm8k", ["benchmark=gsm8k", f"benchmark.data_path={gsm8k_dir}", "benchmark.num_fewshot=1",
+                                      f"checkpoint={tiny_stage2}", "decode.max_new_tokens=12"])
+    assert m["n_samples"] == 3 and m["fluid/identical_to_ar"] == 1.0 and m["fluid/accuracy"] == m["ar/accuracy"]
+    assert "Tom has 3 apples" in read_samples(tmp_path / "gsm8k")[0]["prompt"]  # the few-shot exemplar
+
+    mmlu = write_split(tmp_path / "mmlu-data", MMLU_ROWS)
+    m = run_eval(tmp_path / "mmlu", ["benchmark=mmlu", f"benchmark.data_path={mmlu}", f"checkpoint={tiny_stage2}"])
+    rows = read_samples(tmp_path / "mmlu")
+    assert m["mode"] == "loglikelihood" and len(rows) == 2
+    for r in rows:  # the chosen letter is the one with the highest log-likelihood
+        ll = r["ar"]["loglikelihoods"]
+        assert r["ar"]["output"] == "ABCD"[ll.index(max(ll))] and all(v < 0 for v in ll)
+    assert m["ar/accuracy"] == sum(r["ar"]["correct"] for r in rows) / 2
+    assert (tmp_path / "mmlu" / "speed_accuracy.png").exists()
+
+
+def test_evaluate_refuses_bad_settings(tmp_path, tiny_stage2):
+    with pytest.raises(FluidConfigError, match=r"settings.fast: unknown decode field\(s\) \['k_maxx'\]"):
+        run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "+settings.fast={k_maxx:4}"])
+    with pytest.raises(FluidConfigError, match="settings.fluid: uses horizon=head but the checkpoint has no K-head"):
+        run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2.parent / 'stage1'}"])
+    with pytest.raises(FluidConfigError, match="limit"):
+        run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=0"])
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_evaluate_logs_to_wandb_offline(tmp_path, tiny_stage2, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    m = run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=2", "decode.max_new_tokens=8",
+                            "logger=wandb"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = (runs[0] / f"run-{runs[0].name.rsplit('-', 1)[1]}.wandb").read_bytes()  # config, summary, history
+    for key in (b"fluid/tpf", b"fluid/identical_to_ar", b"ar/accuracy", b"decode"):
+        assert key in record, key
+    tables = list(runs[0].glob("files/media/table/samples_*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert len(table["data"]) == 2 and table["columns"][:3] == ["id", "prompt", "reference"]
+    assert "fluid/output" in table["columns"]
+    assert [r[table["columns"].index("fluid/tpf")] for r in table["data"]] == \
+        [r["fluid"]["tpf"] for r in read_samples(tmp_path)]
+    assert list(runs[0].glob("files/media/images/speed_accuracy_*.png"))
+    assert m["status"] == "completed"
+
+
+def test_cli_one_line_errors(tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "fluid.evaluate", "benchmark=nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: benchmark=nope: unknown option for 'benchmark'; choose from: arith, gsm8k, humaneval, math500, mmlu"]
+    r = subprocess.run([sys.executable, "-m", "fluid.evaluate", f"checkpoint={tmp_path / 'none'}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint: ")
