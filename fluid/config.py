@@ -21,6 +21,12 @@ def subdir(base: str | None, name: str) -> str | None:
     return f"{base}/{name}" if base else None
 
 
+def local_copy(base: str | None, name: str) -> str | None:
+    """``${fluid.local_copy:BASE,NAME}``: ``BASE/NAME`` when that directory exists, else null (a
+    benchmark then loads its public copy): ``FLUID_DATA`` need not hold every data set."""
+    return f"{base}/{name}" if base and Path(base, name).is_dir() else None
+
+
 def register_resolvers() -> None:
     from fluid.sweep import sweep_group
 
@@ -30,6 +36,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("fluid.sweep_group", sweep_group)
     if not OmegaConf.has_resolver("fluid.subdir"):
         OmegaConf.register_new_resolver("fluid.subdir", subdir)
+    if not OmegaConf.has_resolver("fluid.local_copy"):
+        OmegaConf.register_new_resolver("fluid.local_copy", local_copy)
 
 
 def _with_default_paths(**nodes) -> DictConfig:

@@ -38,14 +38,24 @@ def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool) -> dic
     raw = OmegaConf.to_container(cfg.settings, resolve=True) if cfg.get("settings") else {}
     if not raw:
         raise FluidConfigError("settings", "no decoder setting to compare with AR", "e.g. settings='{fluid: {}}'")
+    shared = sorted(f for f in ("algorithm", "batch_size", "max_new_tokens", "compile") if f in DECODE_FIELDS)
+    confidences = list(cfg.get("confidences") or [])
+    for c in confidences:
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise FluidConfigError("confidences", f"must be a list of numbers in [0, 1], got {c!r}")
     settings = {}
     for name, ov in raw.items():
         if ov is not None and not isinstance(ov, dict):
             raise FluidConfigError(f"settings.{name}", f"must be a mapping of decode fields, got {ov!r}",
                                    "e.g. +settings.noverify='{verify: false}'")
         ov = dict(ov or {})
-        for c in (cfg.get("confidences") or [None]):
-            settings[name if c is None else f"{name}_c{c:g}"] = ov if c is None else {**ov, "confidence": float(c)}
+        fixed = sorted(set(ov) & set(shared))
+        if fixed:  # AR runs with the base batching: a setting's speedup is only fair with the same
+            raise FluidConfigError(f"settings.{name}", f"sets {fixed}, which AR and every setting share",
+                                   f"set decode.{fixed[0]}=... for the whole run instead")
+        settings[name] = ov
+        for c in confidences:  # the setting as it is, and at each draft confidence
+            settings[f"{name}_c{c:g}"] = {**ov, "confidence": float(c)}
     out = {}
     for name, ov in settings.items():
         if name == "ar" or "/" in name:
@@ -100,7 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"status": "failed", "benchmark": cfg.benchmark.name}
     try:
-        metrics.update(_evaluate(cfg, run_dir))
+        _evaluate(cfg, run_dir, metrics)  # fills ``metrics`` as it goes: a failure keeps what was measured
         metrics["status"] = "completed"
     except BaseException as e:
         metrics["error"] = f"{type(e).__name__}: {e}"
@@ -112,11 +122,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     from fluid.checkpoint import load_fluid
     from fluid.decoding import FluidDecoder
     from fluid.eval import report
-    from fluid.train import _instantiate_dict, build
+    from fluid.utils.build import build, instantiate_dict
+    from fluid.utils.runinfo import write_json
 
     if cfg.dtype not in DTYPES:
         raise FluidConfigError("dtype", f"unknown {cfg.dtype!r}", f"choose from {', '.join(DTYPES)}")
@@ -129,19 +140,24 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         base.validate()
     except ValueError as e:
         raise FluidConfigError("decode", str(e)) from None
+    if base.algorithm == "ar" or (base.algorithm == "published" and base.batch_size != 1):
+        raise FluidConfigError("decode.algorithm", f"{base.algorithm!r}: the settings are compared with AR at the same "
+                               "batching", "use fluid, or published with decode.batch_size=1 (it decodes one prompt "
+                               "at a time)")
     samples = bench.samples(cfg.limit)
     fm = load_fluid(cfg.checkpoint, device=_device(cfg.device), dtype=DTYPES[cfg.dtype])
     tok = fm.tokenizer
     settings = decoder_settings(cfg, base, fm.head is not None) if bench.mode == "generate" else {}
-    loggers = _instantiate_dict(cfg.get("logger"))
+    loggers = instantiate_dict(cfg.get("logger"))
     ids = [bench.encode(s, tok) for s in samples]
     meta = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "n_samples": len(samples), "mode": bench.mode,
             "device": str(fm.model.device), "dtype": cfg.dtype, "threads": torch.get_num_threads(),
             "batch_size": base.batch_size, "max_new_tokens": base.max_new_tokens}
     log.info("%s: %d samples, %s, checkpoint %s", bench.name, len(samples), bench.mode, cfg.checkpoint)
+    metrics.update(meta)
 
     if bench.mode == "loglikelihood":
-        metrics, records, names = _loglikelihood(bench, fm, samples, ids, base.batch_size)
+        records, names = _loglikelihood(bench, fm, samples, ids, base.batch_size, metrics, cfg.progress)
         x_label, x_key = "samples/s (log-likelihood scoring)", "samples_per_s"
     else:
         dec = FluidDecoder(fm.model, tok, head=fm.head, mask_token_id=fm.mask_token_id, config=base,
@@ -150,8 +166,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for dcfg in [replace(base, algorithm="ar"), *settings.values()]:
                 dec.generate(ids[: cfg.warmup], **_fields(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
         outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings}, cfg.repeats, cfg.progress)
+        _write_jsonl(run_dir / "samples.jsonl", _records(samples, ids, tok, outs, None))  # kept if scoring fails
         correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
-        metrics = {}
         for name, out in outs.items():
             metrics.update(summarise(name, out, correct[name], outs["ar"] if name != "ar" else None))
         records = _records(samples, ids, tok, outs, correct)
@@ -159,9 +175,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         x_label, x_key = "tokens/s", "tokens_per_s"
 
     # what every evaluation writes
-    with (run_dir / "samples.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    _write_jsonl(run_dir / "samples.jsonl", records)
+    write_json(run_dir / "metrics.json", {"status": "scored", **metrics})
     title = f"{bench.name}: {len(samples)} samples, {Path(cfg.checkpoint).name} ({meta['device']})"
     points = [{"name": n, "x": metrics.get(f"{n}/{x_key}") or 0.0, "accuracy": metrics[f"{n}/accuracy"],
                "ar": n == "ar", "note": f"TPF {metrics[f'{n}/tpf']:.2f}" if f"{n}/tpf" in metrics else ""}
@@ -171,10 +186,14 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     (run_dir / "results.md").write_text(f"# {title}\n\n{report.markdown_table(metrics, names)}\n\n"
                                         f"`python -m fluid.evaluate {' '.join(_overrides())}`\n")
     print(f"\n{title}\n{table}\n", flush=True)
-    metrics.update(meta)
     columns, rows = _sample_table(records, names)
     report.log_to_loggers(loggers, OmegaConf.to_container(cfg, resolve=True), metrics, columns, rows, plot)
-    return metrics
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
 
 
 def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progress: bool) -> dict[str, dict]:
@@ -212,8 +231,8 @@ def _records(samples, ids, tok, outs: dict, correct: dict) -> list[dict]:
         r = {"id": s.id, "prompt": tok.decode(ids[i], skip_special_tokens=False), "reference": s.reference}
         for name, out in outs.items():
             st = out["rows"][i]
-            r[name] = {"output": out["texts"][i], "correct": correct[name][i], "tokens": len(st.tokens), "nfe": st.nfe,
-                       "tpf": len(st.tokens) / max(1, st.nfe)}
+            r[name] = {"output": out["texts"][i], "correct": None if correct is None else correct[name][i],
+                       "tokens": len(st.tokens), "nfe": st.nfe, "tpf": len(st.tokens) / max(1, st.nfe)}
             if name != "ar":
                 r[name]["identical_to_ar"] = out["tokens"][i] == outs["ar"]["tokens"][i]
         records.append(r)
@@ -227,18 +246,19 @@ def _sample_table(records: list[dict], names: list[str]) -> tuple[list[str], lis
     return columns, rows
 
 
-def _loglikelihood(bench, fm, samples, ids, batch_size: int):
+def _loglikelihood(bench, fm, samples, ids, batch_size: int, metrics: dict, progress: bool):
     """Multiple choice by the AR head's log-likelihood of each answer letter (nothing decoded:
-    FLUID's AR head is the model's own, so ``fluid/accuracy`` is the same number)."""
+    FLUID's AR head is the model's own, so ``fluid/accuracy`` is the same number; there are no
+    speed keys)."""
     from fluid.eval.likelihood import loglikelihood
 
     tok = fm.tokenizer
-    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in bench.continuations()]
+    requests = [bench.choice_request(s, tok, c) for s in samples for c in bench.continuations()]
     t0 = time.perf_counter()
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    ll = loglikelihood(fm.model, [(ctx, c) for ctx in ids for c in conts], batch_size=batch_size, prefix_token_id=prefix)
+    ll = loglikelihood(fm.model, requests, batch_size=batch_size, prefix_token_id=prefix, progress=progress)
     wall = time.perf_counter() - t0
-    k = len(conts)
+    k = len(bench.continuations())
     records, correct = [], []
     for i, s in enumerate(samples):
         scores = [ll[i * k + j][0] for j in range(k)]
@@ -247,9 +267,9 @@ def _loglikelihood(bench, fm, samples, ids, batch_size: int):
         records.append({"id": s.id, "prompt": tok.decode(ids[i], skip_special_tokens=False), "reference": s.reference,
                         "ar": {"output": choice, "correct": correct[-1], "loglikelihoods": scores, "tpf": None}})
     acc = sum(correct) / len(correct)
-    metrics = {"ar/accuracy": acc, "ar/wall_time_s": wall, "ar/samples_per_s": len(samples) / wall,
-               "fluid/accuracy": acc}
-    return metrics, records, ["ar"]
+    metrics.update({"ar/accuracy": acc, "ar/wall_time_s": wall, "ar/samples_per_s": len(samples) / wall,
+                    "fluid/accuracy": acc})
+    return records, ["ar"]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")

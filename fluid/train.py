@@ -19,27 +19,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, check_group_overrides, quote_numeric_group_overrides, register_resolvers
+from fluid.utils.build import build, instantiate_dict
 from fluid.utils.errors import FluidConfigError
 
 log = logging.getLogger("fluid.train")
 register_resolvers()
-
-
-def _instantiate_dict(node: DictConfig | None) -> list:
-    from hydra.utils import instantiate
-
-    if not node:
-        return []
-    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
-
-
-def build(node: DictConfig, **objects):
-    """Call ``node._target_`` with the node's plain values plus live objects (spec, tokenizer)."""
-    from hydra.utils import get_class
-
-    kwargs = OmegaConf.to_container(node, resolve=True)
-    target = get_class(kwargs.pop("_target_"))
-    return target(**kwargs, **objects)
 
 
 def _strategy(cfg: DictConfig):
@@ -110,8 +94,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, _recursive_=True)
         module = build(cfg.stage.module, backbone=spec, tokenizer=tokenizer, **_stage_kwargs(cfg))
-        loggers = _instantiate_dict(cfg.logger)
-        callbacks = [c for c in _instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
+        loggers = instantiate_dict(cfg.logger)
+        callbacks = [c for c in instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
         trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=loggers or False, callbacks=callbacks)
         trainer.fit(module, datamodule=datamodule)

@@ -1,5 +1,5 @@
 """Every option of every config group composes, resolves and takes effect; every option that can be
-built on CPU is built (``instantiate`` / ``fluid.train.build``) and checked against its config."""
+built on CPU is built (``instantiate`` / ``fluid.utils.build.build``) and checked against its config."""
 
 import re
 from pathlib import Path
@@ -73,7 +73,7 @@ def _option_values(group: str, option: str) -> list[tuple[str, object]]:
 
 def _build_stage(cfg, tokenizer):
     """The stage's LightningModule as ``fluid.train`` builds it (no weights are loaded here)."""
-    from fluid.train import build
+    from fluid.utils.build import build
 
     spec = BackboneSpec.from_config(cfg.backbone)
     consumed = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in cfg.stage.get("consumes", [])}

@@ -76,11 +76,28 @@ def test_gsm8k_fewshot_and_chat_off(gsm8k_dir):
     assert [m["role"] for m in msgs] == ["user", "assistant", "user"] and msgs[1]["content"].endswith("#### 7")
     with pytest.raises(FluidConfigError, match="benchmark.num_fewshot"):
         GSM8K(data_path=str(gsm8k_dir), num_fewshot=-1)
+    same = GSM8K(data_path=str(gsm8k_dir), num_fewshot=1, fewshot_split="test")  # exemplars from the evaluated split
+    first, second, _ = same.samples()
+    assert [q for q, _ in same.exemplars(first)] == [second.question]  # never the sample's own solution
+    assert [q for q, _ in same.exemplars(second)] == [first.question]
+    assert "Question:" in GSM8K(data_path=str(gsm8k_dir), chat=False, stop_strings=[]).stop_strings
+
+
+def test_local_copy_only_when_it_exists(tmp_path, monkeypatch):
+    from fluid.utils.compose import compose
+
+    monkeypatch.setenv("FLUID_DATA", str(tmp_path))
+    assert compose("evaluate", ["benchmark=mmlu"]).benchmark.data_path is None  # no $FLUID_DATA/mmlu: the hub copy
+    write_split(tmp_path / "mmlu", MMLU_ROWS)
+    assert compose("evaluate", ["benchmark=mmlu"]).benchmark.data_path == f"{tmp_path}/mmlu"
 
 
 def test_missing_data_names_both_ways(tmp_path, monkeypatch):
-    with pytest.raises(FluidConfigError, match=r"benchmark.data_path: .*does not exist"):
-        GSM8K(data_path=str(tmp_path / "nowhere")).samples()
+    with pytest.raises(FluidConfigError, match=r"benchmark.data_path: .*does not exist .*pip install datasets"):
+        GSM8K(data_path=str(tmp_path / "nowhere"), hub_id="openai/gsm8k").samples()
+    write_split(tmp_path / "bad", {"test": [{"text": "no question"}]})
+    with pytest.raises(FluidConfigError, match=r"row 0 is not a gsm8k row \(KeyError"):
+        GSM8K(data_path=str(tmp_path / "bad")).samples()
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
     with pytest.raises(FluidConfigError) as e:
         GSM8K(hub_id="openai/gsm8k", hub_config="main").samples()
@@ -113,6 +130,9 @@ def test_humaneval_through_the_benchmark(tmp_path):
     assert b.score(s, wrong) == [False, True, False]  # wrong, right, timed out
     fenced = "Here it is:\n```python\n" + s[2].question + canonical[2] + "```\nDone."
     assert b.score(s[2:], [fenced]) == [True]         # a chat answer with the whole function
+    chat = HumanEval(chat=True, chat_stop_strings=["\n```\n"], stop_strings=["\ndef"])
+    assert chat.stop_strings == ["\n```\n"]            # "\ndef" would cut a fenced answer at its first line
+    assert chat.score(s[2:], ["```python\n" + s[2].question + canonical[2]]) == [True]  # cut at the closing fence
     with pytest.raises(FluidConfigError, match="few-shot"):
         HumanEval(num_fewshot=2)
 
@@ -129,7 +149,11 @@ def test_mmlu_rows_letters_and_fewshot(tmp_path):
     assert b.choose([-3.0, -1.0, -2.0, -5.0]) == "B"
     assert b.correct(math, "The answer is (B).") and b.correct(math, "B") and not b.correct(math, "A. 3")
     assert not b.correct(math, "I think so")
+    assert b.correct(math, "A good choice here is B") and b.correct(math, "B) 4") and not b.correct(math, "answer: b")
     assert MMLU(data_path=str(d), subjects=["geography"]).samples()[0].reference == "C"
+    plain = MMLU(data_path=str(d), num_fewshot=1, chat=False).plain(math)
+    assert plain.count("The following are") == 1 and plain.index("What is 1 + 1?") < plain.index("What is 2 + 2?")
+    assert plain.endswith("D. 6\nAnswer:") and "\nAnswer: A\n\n" in plain
     assert MMLU(data_path=str(d), chat=False).continuations() == [" A", " B", " C", " D"] and b.continuations()[0] == "A"
     bad = write_split(tmp_path / "bad", {"test": [{"question": "q", "choices": ["a", "b"], "answer": 0}]})
     with pytest.raises(FluidConfigError, match="4 choices"):
@@ -212,25 +236,44 @@ def test_evaluate_arith_end_to_end(tmp_path, drafting_stage2):
         assert (tmp_path / f).stat().st_size > 0, f
     assert json.loads((tmp_path / "metrics.json").read_text())["fluid_c0.5/tpf"] == m["fluid_c0.5/tpf"]
     assert (tmp_path / "speed_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    names = ["ar", "fluid_c0.5", "fixed_c0.5", "noverify_c0.5"]
+    names = ["ar", "fluid", "fluid_c0.5", "fixed", "fixed_c0.5", "noverify", "noverify_c0.5"]
     for name in names:
         for key in ("accuracy", "tpf", "tokens_per_s", "wall_time_s", "mean_accepted"):
             assert f"{name}/{key}" in m, f"{name}/{key}"
         assert f"| {name} |" in (tmp_path / "results.md").read_text()
     # lossless settings: the tokens of greedy AR, so the same accuracy
-    for name in ("fluid_c0.5", "fixed_c0.5"):
+    for name in ("fluid", "fluid_c0.5", "fixed", "fixed_c0.5"):
         assert m[f"{name}/identical_to_ar"] == 1.0 and m[f"{name}/accuracy"] == m["ar/accuracy"]
         assert m[f"{name}/speedup_vs_ar"] == pytest.approx(m[f"{name}/tokens_per_s"] / m["ar/tokens_per_s"])
     rows = read_samples(tmp_path)
     assert len(rows) == 6 and {"id", "prompt", "reference", *names} <= set(rows[0])
-    for name in names:  # the metrics are those of the samples
+    from fluid.eval.answers import exact_match
+
+    for name in names:  # the metrics are those of the samples, each scored on its own output
+        assert [r[name]["correct"] for r in rows] == [exact_match(r[name]["output"], r["reference"]) for r in rows]
         assert m[f"{name}/accuracy"] == sum(r[name]["correct"] for r in rows) / 6
         assert m[f"{name}/generated_tokens"] == sum(r[name]["tokens"] for r in rows)
     assert all(r["fluid_c0.5"]["output"] == r["ar"]["output"] for r in rows)
     assert m["fluid_c0.5/tpf"] == pytest.approx(m["fluid_c0.5/generated_tokens"] / m["fluid_c0.5/nfe"])
     assert m["fixed_c0.5/mean_horizon"] <= 4
-    assert m["fluid_c0.5/tpf"] > 2 and m["fixed_c0.5/tpf"] > 2  # blocks were drafted and accepted
+    assert m["fluid/tpf"] > 2 and m["fixed_c0.5/tpf"] > 2  # blocks were drafted and accepted
     assert rows[0]["ar"]["output"].startswith("777")
+
+
+def test_stop_string_inside_a_block_ends_fluid_where_it_ends_ar(drafting_stage2):
+    """A block that runs past a stop string commits only up to the token that completes it, as
+    AR does: the same tokens, so TPF and tokens/s count no token AR would not have produced."""
+    from fluid.checkpoint import load_fluid
+    from fluid.decoding import DecodeConfig, FluidDecoder
+
+    fm = load_fluid(drafting_stage2)
+    prompt = [fm.tokenizer("5 + 2", add_special_tokens=False)["input_ids"]] * 2
+    dec = FluidDecoder(fm.model, fm.tokenizer, head=fm.head, mask_token_id=fm.mask_token_id,
+                       config=DecodeConfig(max_new_tokens=30, k_min=8, k_max=8), stop_strings=["7777"])
+    ar, fl = dec.generate(prompt, algorithm="ar"), dec.generate(prompt)
+    assert ar["tokens"] == fl["tokens"] and all(r.finished == "stop" for r in fl["rows"])
+    assert all(text == "" for text in fl["texts"])  # the text ends before the stop string
+    assert fl["generated_tokens"] == ar["generated_tokens"] < 30 and fl["nfe"] < ar["nfe"]
 
 
 def test_evaluate_accuracy_is_scored_on_the_output(tmp_path, tiny_stage2, monkeypatch):
@@ -264,6 +307,10 @@ def test_evaluate_refuses_bad_settings(tmp_path, tiny_stage2):
         run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "+settings.fast={k_maxx:4}"])
     with pytest.raises(FluidConfigError, match="settings.fluid: uses horizon=head but the checkpoint has no K-head"):
         run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2.parent / 'stage1'}"])
+    with pytest.raises(FluidConfigError, match=r"settings.b1: sets \['batch_size'\], which AR and every setting share"):
+        run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "+settings.b1={batch_size:1}"])
+    with pytest.raises(FluidConfigError, match="confidences"):
+        run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "confidences=[high]"])
     with pytest.raises(FluidConfigError, match="limit"):
         run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=0"])
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
@@ -296,4 +343,5 @@ def test_cli_one_line_errors(tmp_path):
         "error: benchmark=nope: unknown option for 'benchmark'; choose from: arith, gsm8k, humaneval, math500, mmlu"]
     r = subprocess.run([sys.executable, "-m", "fluid.evaluate", f"checkpoint={tmp_path / 'none'}",
                         f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint: ")
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]  # Hydra's log lines
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: checkpoint: "), r.stderr

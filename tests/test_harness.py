@@ -190,9 +190,16 @@ def test_simple_evaluate_local_tasks(lm, monkeypatch):
     monkeypatch.chdir(ROOT)  # the task YAMLs name their data files relative to the repository root
     out = lm_eval.simple_evaluate(model=lm, tasks=["fluid_arith_gen", "fluid_arith_mc"], limit=3,
                                   task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False))
-    res = out["results"]
-    assert 0.0 <= res["fluid_arith_gen"]["exact_match,none"] <= 1.0
-    assert 0.0 <= res["fluid_arith_mc"]["acc,none"] <= 1.0
+    res, samples = out["results"], out["samples"]
+    mc = samples["fluid_arith_mc"]
+    assert len(mc) == 3
+    for s in mc:  # acc is the argmax of the AR head's log-likelihoods over the choices
+        lls = [r[0] for r in s["filtered_resps"]]
+        assert s["acc"] == float(lls.index(max(lls)) == s["target"])
+    assert res["fluid_arith_mc"]["acc,none"] == pytest.approx(sum(s["acc"] for s in mc) / 3)
+    gen = samples["fluid_arith_gen"]
+    assert len(gen) == 3 and all(s["filtered_resps"][0] == s["resps"][0][0] for s in gen)
+    assert res["fluid_arith_gen"]["exact_match,none"] == pytest.approx(sum(s["exact_match"] for s in gen) / 3)
     assert out["config"]["fluid_decode"]["horizon"] == "fixed"
 
 

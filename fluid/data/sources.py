@@ -42,7 +42,7 @@ def _read_jsonl(path: Path, key: str) -> list[dict]:
 def _ways(key: str, split: str, hub_id: str | None, hub_config: str | None) -> str:
     hub = f"`pip install datasets` to load {hub_id!r}" + (f" (config {hub_config!r})" if hub_config else "") + \
         " from the Hugging Face hub" if hub_id else "no public copy is configured"
-    return f"set {key}=DIR (DIR/{split}.jsonl) or FLUID_DATA=DIR for a local copy, or {hub}"
+    return f"set {key}=DIR (DIR/{split}.jsonl) or FLUID_DATA=ROOT (ROOT/<name>/{split}.jsonl) for a local copy, or {hub}"
 
 
 def read_split(split: str, data_dir: str | None, hub_id: str | None, hub_config: str | None, key: str) -> list[dict]:
@@ -51,7 +51,10 @@ def read_split(split: str, data_dir: str | None, hub_id: str | None, hub_config:
     ``datasets`` library; either failure is one :class:`FluidConfigError` naming both ways."""
     if data_dir:
         d = Path(data_dir).expanduser()
-        return _read_jsonl(d if d.suffix == ".jsonl" else d / f"{split}.jsonl", key)
+        path = d if d.suffix == ".jsonl" else d / f"{split}.jsonl"
+        if not path.exists():
+            raise FluidConfigError(key, f"file {str(path)!r} does not exist", _ways(key, split, hub_id, hub_config))
+        return _read_jsonl(path, key)
     if not hub_id:
         raise FluidConfigError(key, "no local copy is set", _ways(key, split, hub_id, hub_config))
     try:

@@ -18,7 +18,6 @@ from transformers import DynamicCache
 from fluid.nn import decoder_and_lm_head, to_float_mask
 
 COMPACT_MIN = 64    # a cache shorter than this is never compacted (the gather costs more than the holes)
-STOP_WINDOW = 64    # trailing tokens decoded to look for a stop string (longer than any stop string)
 
 
 @dataclass
@@ -41,7 +40,8 @@ class StopRule:
 
     def __init__(self, max_new_tokens: int, eos_token_id: int | None, tokenizer=None, stop_strings: Sequence[str] = ()):
         self.max_new_tokens, self.eos_id = max_new_tokens, eos_token_id
-        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
+        self._longest = max((len(s) for s in self.stop_strings), default=0)
 
     def cut(self, row: RowStats, toks: list[int]) -> tuple[list[int], str]:
         """``toks`` cut at EOS / max_new_tokens, and why the row is finished ('' if it is not)."""
@@ -53,11 +53,20 @@ class StopRule:
         if len(toks) >= room:
             toks = toks[:room]
             reason = reason or "max_new_tokens"
-        if not reason and self.stop_strings:
-            text = self.tokenizer.decode((row.tokens + toks)[-STOP_WINDOW:], skip_special_tokens=True)
-            if any(s in text for s in self.stop_strings):
-                reason = "stop"
+        if not reason and self.stop_strings and self._stops(row.tokens, toks):
+            # the row ends at the token that completes the stop string, as greedy AR (one token a
+            # commit) would end it: a block's later tokens are not committed
+            toks = next(toks[:k] for k in range(1, len(toks) + 1) if self._stops(row.tokens, toks[:k]))
+            reason = "stop"
         return toks, reason
+
+    def _stops(self, done: list[int], new: list[int]) -> bool:
+        """A stop string ends in the text of ``new`` (after ``done``). Only the tail that can hold
+        one is decoded (each token is at least one character), the same cost per commit for every
+        algorithm."""
+        tail = (done + new)[-(len(new) + self._longest + 8):]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(s in text for s in self.stop_strings)
 
     def commit(self, row: RowStats, toks: list[int], *, block_done: bool, block_acc: int,
                horizon: int | None = None) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# a number: thousands groups ("2,400"), decimals ("18.5", ".5"); "1,2,3" is three numbers
+_NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
 
 def extract_answer(text: str) -> str | None:
@@ -19,6 +20,8 @@ def extract_answer(text: str) -> str | None:
 
 def _normalise(num: str) -> str:
     num = num.replace(",", "").rstrip(".")
+    if num.lstrip("-").startswith("."):
+        num = num.replace(".", "0.", 1)
     if "." in num:
         num = num.rstrip("0").rstrip(".")
     return num

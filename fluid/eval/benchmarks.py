@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any, Sequence
 
 from fluid.data.sources import gsm8k_example, read_split
@@ -52,6 +53,8 @@ class Benchmark:
             raise FluidConfigError("benchmark.mode", f"{self.name} supports {' | '.join(self.modes)}, got {mode!r}")
         self.num_fewshot, self.chat, self.mode = num_fewshot, chat, mode
         self.stop_strings = list(stop_strings)
+        if not chat and self.q_prefix.strip() and self.q_prefix.strip() not in self.stop_strings:
+            self.stop_strings.append(self.q_prefix.strip())  # a plain prompt: the model would go on to a new question
 
     # ---------------------------------------------------------------- data
     def rows(self, split: str) -> list[dict]:
@@ -70,15 +73,35 @@ class Benchmark:
             rows = rows[:limit]
         if not rows:
             raise FluidConfigError(KEY, f"the {self.name} {self.split!r} split is empty")
-        return [self.to_sample(r, i) for i, r in enumerate(rows)]
+        return [self._sample(r, i) for i, r in enumerate(rows)]
+
+    def _sample(self, row: dict, index: int) -> Sample:
+        try:
+            return self.to_sample(row, index)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise FluidConfigError(KEY, f"{self.name} {self.split!r} row {index} is not a {self.name} row "
+                                   f"({type(e).__name__}: {e})") from None
 
     def exemplars(self, sample: Sample | None = None) -> list[tuple[str, str]]:
-        """The first ``num_fewshot`` rows of the few-shot split, the same for every sample."""
+        """The first ``num_fewshot`` rows of the few-shot split, the same for every sample; a row
+        with the sample's own question is skipped (a few-shot split that is the evaluated one)."""
         if not self.num_fewshot:
             return []
         if not hasattr(self, "_shots"):
-            self._shots = [self.exemplar(r) for r in self.rows(self.fewshot_split)[: self.num_fewshot]]
-        return self._shots
+            self._shots = [self._exemplar(r, i) for i, r in enumerate(self.rows(self.fewshot_split)[: self.num_fewshot + 1])]
+        own = None if sample is None else self.prompt_key(sample)
+        return [x for x in self._shots if x[0] != own][: self.num_fewshot]
+
+    def _exemplar(self, row: dict, index: int) -> tuple[str, str]:
+        try:
+            return self.exemplar(row)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise FluidConfigError(KEY, f"{self.name} {self.fewshot_split!r} row {index} is not a {self.name} row "
+                                   f"({type(e).__name__}: {e})") from None
+
+    def prompt_key(self, sample: Sample) -> str:
+        """What an exemplar of ``sample`` itself would have as its question."""
+        return sample.question
 
     # ------------------------------------------------------------- prompts
     def prompt_text(self, sample: Sample) -> str:
@@ -95,12 +118,17 @@ class Benchmark:
         shots = "".join(f"{self.q_prefix}{q}\n{self.a_prefix} {a}\n\n" for q, a in self.exemplars(sample))
         return f"{shots}{self.q_prefix}{self.prompt_text(sample)}\n{self.a_prefix}"
 
-    def encode(self, sample: Sample, tokenizer) -> list[int]:
-        from fluid.generate import encode
+    def render(self, sample: Sample, tokenizer) -> str:
+        """The prompt as text: the tokenizer's chat template over :meth:`messages` (with the
+        assistant turn opened), or :meth:`plain`."""
+        if not self.chat:
+            return self.plain(sample)
+        if not getattr(tokenizer, "chat_template", None):
+            raise FluidConfigError("benchmark.chat", "the tokenizer has no chat template", "use benchmark.chat=false")
+        return tokenizer.apply_chat_template(self.messages(sample), tokenize=False, add_generation_prompt=True)
 
-        if self.chat:
-            return encode(tokenizer, self.messages(sample), chat=True)
-        return encode(tokenizer, self.plain(sample), chat=False)
+    def encode(self, sample: Sample, tokenizer) -> list[int]:
+        return tokenizer(self.render(sample, tokenizer), add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------- scoring
     def correct(self, sample: Sample, output: str) -> bool:
@@ -180,6 +208,10 @@ class MATH500(Benchmark):
     name = "math500"
     instruction = "Please reason step by step, and put your final answer within \\boxed{}."
 
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        _math_verify()  # before anything is decoded
+
     def to_sample(self, row: dict, index: int) -> Sample:
         return Sample(id=str(row.get("unique_id", f"{self.split}/{index}")), question=row["problem"],
                       reference=str(row["answer"]), extra={"subject": row.get("subject"), "level": row.get("level")})
@@ -205,10 +237,13 @@ class HumanEval(Benchmark):
     name = "humaneval"
     instruction = "Complete the following Python function. Reply with the whole function in a ```python block."
 
-    def __init__(self, timeout_s: float = 10.0, memory_mb: int = 1024, workers: int | None = None, **kw):
+    def __init__(self, timeout_s: float = 10.0, memory_mb: int = 1024, workers: int | None = None,
+                 chat_stop_strings: Sequence[str] = (), **kw):
         super().__init__(**kw)
         if self.num_fewshot:
             raise FluidConfigError("benchmark.num_fewshot", "HumanEval has no few-shot split; use 0")
+        if self.chat:  # the plain stops ("\ndef", ...) would cut a fenced answer at its first line
+            self.stop_strings = list(chat_stop_strings)
         self.timeout_s, self.memory_mb, self.workers = timeout_s, memory_mb, workers
 
     def rows(self, split: str) -> list[dict]:
@@ -222,12 +257,8 @@ class HumanEval(Benchmark):
     def prompt_text(self, sample: Sample) -> str:
         return f"{self.instruction}\n```python\n{sample.question}```"
 
-    def encode(self, sample: Sample, tokenizer) -> list[int]:
-        if self.chat:
-            return super().encode(sample, tokenizer)
-        from fluid.generate import encode
-
-        return encode(tokenizer, sample.question, chat=False)  # the model continues the function
+    def plain(self, sample: Sample) -> str:
+        return sample.question  # the model continues the function
 
     def score(self, samples: Sequence[Sample], outputs: Sequence[str]) -> list[bool]:
         from fluid.eval.humaneval import check_completions
@@ -239,7 +270,8 @@ class HumanEval(Benchmark):
 
 LETTERS = "ABCD"
 _LETTER = re.compile(r"\b([ABCD])\b")
-_STATED = re.compile(r"answer(?: is|:)?\s*\(?([ABCD])\b", re.IGNORECASE)
+_STATED = re.compile(r"[Aa]nswer(?: is|:)?\s*\(?([ABCD])\b")
+_LEADING = re.compile(r"^\s*\(?([ABCD])(?:[.):]|\s*$)")
 
 
 class MMLU(Benchmark):
@@ -261,7 +293,7 @@ class MMLU(Benchmark):
     def to_sample(self, row: dict, index: int) -> Sample:
         answer = row["answer"]
         answer = LETTERS[answer] if isinstance(answer, int) else str(answer).strip()
-        if len(row["choices"]) != 4 or answer not in LETTERS:
+        if len(row["choices"]) != 4 or answer not in tuple(LETTERS):
             raise FluidConfigError(KEY, f"MMLU row {index}: needs 4 choices and an answer 0-3 or A-D")
         return Sample(id=f"{row.get('subject', 'all')}/{index}", question=row["question"], reference=answer,
                       extra={"subject": row.get("subject", ""), "choices": list(row["choices"])})
@@ -288,9 +320,7 @@ class MMLU(Benchmark):
         return f"{sample.question}\n{choices}"
 
     def prompt_text(self, sample: Sample) -> str:
-        subject = sample.extra["subject"].replace("_", " ")
-        head = f"The following is a multiple choice question about {subject}. " if subject else ""
-        return f"{head}Answer with the letter of the correct choice.\n\n{self._body(sample)}"
+        return f"{self.header(sample)}\n\n{self._body(sample)}"
 
     def continuations(self) -> list[str]:
         """What follows the prompt for each letter: ``" A"`` after a plain ``Answer:``, ``"A"`` as a chat reply."""
@@ -300,8 +330,41 @@ class MMLU(Benchmark):
         return LETTERS[max(range(len(LETTERS)), key=lambda i: logliks[i])]
 
     def correct(self, sample: Sample, output: str) -> bool:
-        m = _STATED.search(output) or _LETTER.search(output)
-        return m is not None and m.group(1) == sample.reference
+        """The stated letter ("the answer is B", "B. 4", "(B)"), else the last standalone one."""
+        m = _STATED.search(output) or _LEADING.search(output)
+        letter = m.group(1) if m else (_LETTER.findall(output) or [None])[-1]
+        return letter == sample.reference
+
+    def samples(self, limit: int | None = None) -> list[Sample]:
+        """``limit``: the first rows of every subject in turn (the set is sorted by subject)."""
+        all_ = super().samples()
+        if limit is None:
+            return all_
+        by: dict[str, list[Sample]] = {}
+        for s in all_:
+            by.setdefault(s.extra["subject"], []).append(s)
+        mixed = [s for group in zip_longest(*by.values()) for s in group if s is not None]
+        return mixed[:limit]
+
+    def header(self, sample: Sample) -> str:
+        subject = sample.extra["subject"].replace("_", " ")
+        head = f"The following are multiple choice questions about {subject}. " if subject else ""
+        return f"{head}Answer with the letter of the correct choice."
+
+    def plain(self, sample: Sample) -> str:
+        shots = "".join(f"{q}\n{self.a_prefix} {a}\n\n" for q, a in self.exemplars(sample))
+        return f"{self.header(sample)}\n\n{shots}{self._body(sample)}\n{self.a_prefix}"
+
+    def prompt_key(self, sample: Sample) -> str:
+        return self._body(sample)
+
+    def choice_request(self, sample: Sample, tokenizer, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as lm-eval's HF model makes them: prompt and letter
+        encoded whole, then split at the prompt's length, so the letter is tokenized in context."""
+        context = self.render(sample, tokenizer)
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        n = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+        return whole[:n], whole[n:]
 
 
 __all__ = ["Sample", "Benchmark", "Arith", "GSM8K", "MATH500", "HumanEval", "MMLU", "extract_answer"]
