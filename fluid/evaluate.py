@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, check_group_overrides, register_resolvers
 from fluid.decoding.config import DecodeConfig, register_decode_config
-from fluid.utils.errors import FluidConfigError
+from fluid.utils.errors import FluidConfigError, one_line_errors
 
 log = logging.getLogger("fluid.evaluate")
 register_resolvers()
@@ -273,12 +273,9 @@ def _loglikelihood(bench, fm, samples, ids, batch_size: int, metrics: dict, prog
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+@one_line_errors
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except FluidConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    evaluate(cfg)
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
@@ -12,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, register_resolvers
 from fluid.decoding.config import DecodeConfig, register_decode_config
-from fluid.utils.errors import FluidConfigError
+from fluid.utils.errors import FluidConfigError, one_line_errors
 
 register_resolvers()
 register_decode_config()
@@ -92,12 +91,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except FluidConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, check_group_overrides, quote_numeric_group_overrides, register_resolvers
 from fluid.utils.build import build, instantiate_dict
-from fluid.utils.errors import FluidConfigError
+from fluid.utils.errors import FluidConfigError, one_line_errors
 
 log = logging.getLogger("fluid.train")
 register_resolvers()
@@ -163,12 +163,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@one_line_errors
 def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except FluidConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    metrics = train(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 

@@ -345,3 +345,17 @@ def test_cli_one_line_errors(tmp_path):
                         f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True)
     lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("[")]  # Hydra's log lines
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: checkpoint: "), r.stderr
+
+
+def test_evaluate_math500_humaneval_and_mmlu_generate(tmp_path, tiny_stage2):
+    """Every benchmark through the whole evaluation (random model: the scorers run on its output)."""
+    math = write_split(tmp_path / "math-data", {"test": MATH_ROWS})
+    mmlu = write_split(tmp_path / "mmlu-data", MMLU_ROWS)
+    for name, extra in (("math500", [f"benchmark.data_path={math}"]), ("humaneval", ["limit=2", "benchmark.timeout_s=3"]),
+                        ("mmlu", [f"benchmark.data_path={mmlu}", "benchmark.mode=generate"])):
+        m = run_eval(tmp_path / name, [f"benchmark={name}", f"checkpoint={tiny_stage2}", "decode.max_new_tokens=8",
+                                       "decode.horizon=fixed", *extra])
+        rows = read_samples(tmp_path / name)
+        assert m["status"] == "completed" and m["mode"] == "generate" and len(rows) == m["n_samples"] == 2, name
+        assert m["fluid/identical_to_ar"] == 1.0 and m["fluid/accuracy"] == m["ar/accuracy"], name
+        assert all(isinstance(r["ar"]["correct"], bool) for r in rows), name

@@ -115,20 +115,20 @@ def test_gsm8k_loads_the_hub_copy_through_datasets(tmp_path, monkeypatch):
     monkeypatch.delenv("FLUID_DATA", raising=False)
     calls = []
 
-    def load_dataset(path, name):
-        calls.append((path, name))
-        return {"train": [_gsm8k_row(i) for i in range(5)], "test": [_gsm8k_row(9)]}
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return {"train": [_gsm8k_row(i) for i in range(5)], "test": [_gsm8k_row(9)]}[split]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     src = instantiate(compose_cfg(["data=gsm8k", "data.source.n_val=1"], tmp_path).data.source)
     assert [len(src.examples(s)) for s in ("train", "validation", "test")] == [4, 1, 1]
-    assert calls == [("openai/gsm8k", "main")]
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
 
 
 def test_gsm8k_hub_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("FLUID_DATA", raising=False)
 
-    def load_dataset(path, name):
+    def load_dataset(path, name, split):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub\n(offline?)")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))

@@ -12,3 +12,20 @@ class FluidConfigError(ValueError):
         if fix:
             msg += f" ({fix})"
         super().__init__(msg)
+
+
+def one_line_errors(fn):
+    """For an entry point's main: a :class:`FluidConfigError` ends the process with its one line
+    on stderr (``error: KEY: ...``) and exit status 2, instead of a traceback."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FluidConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
