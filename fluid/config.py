@@ -71,7 +71,7 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> st
             continue
         options = group_options(key, conf_dir)
         for v in value.split(","):  # multirun: a,b,c
-            v = v.strip()
+            v = v.strip().strip("'\"")  # a relaunched rank sees the quoted form (stage='1')
             if v and v != "null" and v not in options:
                 return f"{key}={v}: unknown option for '{key}'; choose from: {', '.join(options)}"
     return _check_recipe(overrides, conf_dir)

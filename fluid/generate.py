@@ -49,7 +49,9 @@ def encode(tok, prompt, chat: bool) -> list[int]:
 def run(cfg: DictConfig) -> dict:
     from fluid.checkpoint import load_fluid
     from fluid.decoding import FluidDecoder
+    from fluid.validate import validate_generate
 
+    validate_generate(cfg)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     dtype = DTYPES[cfg.dtype]
     fm = load_fluid(cfg.checkpoint, device=device, dtype=dtype)

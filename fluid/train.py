@@ -72,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from fluid.backbones.spec import BackboneSpec
     from fluid.utils.runinfo import git_revision, write_json
+    from fluid.validate import validate_train
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
@@ -83,12 +84,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"status": "failed"}
     trainer = None
     try:
+        validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
         spec = BackboneSpec.from_config(cfg.backbone)
         if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
             init = cfg.stage.init_checkpoint
-            if not os.path.exists(init):
-                raise FluidConfigError("stage.init_checkpoint", f"{init!r} does not exist",
-                                       f"run stage {cfg.stage.id - 1} first or set stage.init_checkpoint=DIR")
             spec = dataclasses.replace(spec, path=init, scratch=None, prepare=None)
         from_scratch = cfg.stage.id == 0 and spec.is_embedded
         tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
@@ -97,25 +96,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers = instantiate_dict(cfg.logger)
         callbacks = [c for c in instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
-        trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=loggers or False, callbacks=callbacks)
+        trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=loggers or False,
+                              callbacks=[*callbacks, _finite_loss_callback()])
         trainer.fit(module, datamodule=datamodule)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if _needs_final_validation(trainer):  # val/* in metrics.json describe the final weights
             metrics.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
         metrics["train/steps"] = trainer.global_step
         metrics["train/wall_time_s"] = time.perf_counter() - t0
-        ckpt = module.export_hf(run_dir / "checkpoint", **_export_meta(cfg))
+        rank0 = trainer.is_global_zero  # with several devices one process writes the run's files
+        ckpt = run_dir / "checkpoint"
+        if rank0:
+            _check_finite(module)
+            module.export_hf(ckpt, **_export_meta(cfg))
+        trainer.strategy.barrier()
         metrics["checkpoint_dir"] = str(ckpt.resolve())
+        if cfg.get("test", True) and cfg.stage.get("run_test", True):
+            test = trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics.update(test[0] if test else {})
+            records = _gather_records(trainer, module.test_records)
+            if rank0:
+                write_jsonl(run_dir / "test_predictions.jsonl", records)
+        # only a run that completed (trained, exported with finite weights, tested) is published
         publish = cfg.stage.get("publish") or (spec.path if from_scratch else None)
-        if publish and cfg.get("publish", True):
+        if rank0 and publish and cfg.get("publish", True):
             if _in_multirun():  # every job would repoint the same link and the last would win
                 log.info("multirun: not publishing %s (pick a run and link it, or rerun it alone)", publish)
             else:
                 _publish(ckpt, Path(publish))
-        if cfg.get("test", True) and cfg.stage.get("run_test", True):
-            test = trainer.test(module, datamodule=datamodule, verbose=False)
-            metrics.update(test[0] if test else {})
-            write_jsonl(run_dir / "test_predictions.jsonl", module.test_records)
         metrics["status"] = "completed"
     except BaseException as e:
         metrics["error"] = f"{type(e).__name__}: {e}"
@@ -124,9 +132,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _finish_loggers(trainer)
         metrics["wall_time_s"] = time.perf_counter() - t0
         metrics["run_dir"] = str(run_dir.resolve())
-        write_json(run_dir / "metrics.json", metrics)
+        if _rank_zero(trainer):
+            write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _gather_records(trainer, records: list[dict]) -> list[dict]:
+    """Every rank's test records, in rank order (one device: its own)."""
+    if trainer.world_size == 1:
+        return records
+    import torch.distributed as dist
+
+    parts = [None] * trainer.world_size
+    dist.all_gather_object(parts, records)
+    return [r for part in parts for r in part]
+
+
+def _rank_zero(trainer) -> bool:
+    if trainer is not None:
+        return trainer.is_global_zero
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def _check_finite(module) -> None:
+    """Weights with a NaN or inf are never exported or published."""
+    import torch
+
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            raise FluidConfigError("optim.lr", f"the trained weights are not finite ({name})",
+                                   "lower optim.lr or check the data; nothing was published")
+
+
+def _finite_loss_callback():
+    import lightning as L
+    import torch
+
+    class FiniteLoss(L.Callback):
+        """Stop at the first NaN or inf training loss, naming the step."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if loss is not None and not torch.isfinite(loss).all():
+                raise FluidConfigError("optim.lr", f"the training loss is {loss.item()} at step {trainer.global_step}",
+                                       "lower optim.lr or check the data; nothing was published")
+
+    return FiniteLoss()
 
 
 def _finish_loggers(trainer) -> None:

@@ -1,0 +1,178 @@
+"""The one place that checks a composed config before any heavy work (model, data, trainer).
+
+Every failure is a :class:`FluidConfigError`: one line naming the key and the fix, exit 2 from
+the command line. ``fluid.train`` calls :func:`validate_train`, ``fluid.generate``
+:func:`validate_generate`; later entry points add their own rules here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from fluid.utils.errors import FluidConfigError
+
+_MISSING = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def int_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= lo), f"must be an integer >= {lo}"
+
+
+def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def ok(v) -> bool:
+        return _is_num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return ok, f"must be a finite number in {interval}"
+
+
+def positive() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_num(v) and v > 0), "must be a finite number > 0"
+
+
+def one_of(*options: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), f"must be one of {' | '.join(options)}"
+
+
+INF = math.inf
+# key -> (check, what it must be); a key the composed config does not have is not checked
+TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": int_at_least(0),
+    "trainer.max_steps": int_at_least(1),
+    "trainer.accumulate_grad_batches": int_at_least(1),
+    "trainer.log_every_n_steps": int_at_least(1),
+    "trainer.devices": ((lambda v: v == "auto" or (_is_int(v) and v >= 1) or isinstance(v, (list, str))),
+                        "must be an integer >= 1, a list of device ids or auto"),
+    "trainer.num_nodes": int_at_least(1),
+    "trainer.val_check_interval": ((lambda v: v is None or (_is_num(v) and v > 0)),
+                                   "must be > 0 (steps, or a fraction of an epoch)"),
+    "trainer.limit_val_batches": ((lambda v: _is_num(v) and v >= 0), "must be >= 0"),
+    "trainer.gradient_clip_val": ((lambda v: v is None or (_is_num(v) and v >= 0)), "must be >= 0 or null"),
+    "stage.module.optim.lr": positive(),
+    "stage.module.optim.weight_decay": number_in(0, INF, hi_open=True),
+    "stage.module.optim.warmup_ratio": number_in(0, 1, hi_open=True),
+    "stage.module.optim.min_lr_ratio": number_in(0, 1),
+    "stage.module.optim.scheduler": one_of("cosine", "constant"),
+    "stage.module.attention": one_of("auto", "dense", "flex"),
+    "stage.module.lane_forward": one_of("auto", "prefix", "expanded"),
+    "stage.module.lane_chunk": int_at_least(1),
+    "stage.module.anchor_prob": number_in(0, 1, lo_open=True),
+    "stage.module.eval_max_new_tokens": int_at_least(1),
+    "stage.module.max_expanded_len": ((lambda v: v is None or (_is_int(v) and v >= 2)), "must be an integer >= 2 or null"),
+    "stage.module.pad_to_multiple": int_at_least(1),
+    "stage.module.loss.reduction": one_of("joint", "separate"),
+    "stage.module.loss.ar_weight": number_in(0, INF, hi_open=True),
+    "stage.module.loss.diff_weight": number_in(0, INF, hi_open=True),
+    "data.batch_size": int_at_least(1),
+    "data.eval_batch_size": int_at_least(1),
+    "data.max_length": int_at_least(2),
+    "data.num_workers": int_at_least(0),
+}
+LORA_RULES = {
+    "stage.module.lora.r": int_at_least(1),
+    "stage.module.lora.alpha": positive(),
+    "stage.module.lora.dropout": number_in(0, 1, hi_open=True),
+}
+# the groups a stage consumes (``stage.consumes``)
+GROUP_RULES = {
+    "masking": {"masking.anchor_prob": number_in(0, 1, lo_open=True), "masking.horizon": int_at_least(1),
+                "masking.noise_prob": number_in(0, 1, hi_open=True)},
+    "tau": {"tau.value": positive(), "tau.sigma": positive()},
+}
+# top-level keys of ``conf/train.yaml`` and its groups; anything else is a typo or an unsupported option
+TRAIN_KEYS = {"task_name", "run_name", "run_tags", "seed", "test", "publish", "paths", "stage", "backbone", "data",
+              "masking", "tau", "trainer", "strategy", "logger", "callbacks", "debug", "experiment", "optimized_metric",
+              "hydra"}
+
+
+def check_rules(cfg: DictConfig, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    for key, (ok, must) in rules.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:
+            continue
+        if not ok(value):
+            raise FluidConfigError(key, f"{must}, got {value!r}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_devices(cfg: DictConfig) -> None:
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator in ("gpu", "cuda") and not _cuda_available():
+        raise FluidConfigError("trainer.accelerator", f"{accelerator!r} but CUDA is not available",
+                               "use trainer.accelerator=auto or trainer=cpu")
+    target = str(OmegaConf.select(cfg, "strategy._target_", default="") or "")
+    name = str(OmegaConf.select(cfg, "strategy.name", default="") or "")
+    if ("DeepSpeed" in target or "deepspeed" in name) and not _cuda_available():
+        raise FluidConfigError("strategy", "DeepSpeed runs on CUDA GPUs only, and there is none",
+                               "use strategy=auto (one device) or strategy=ddp on CPU")
+
+
+def check_init_checkpoint(cfg: DictConfig) -> None:
+    """Stage 2 starts from a stage-1 checkpoint (one with lanes and a MASK token)."""
+    init = OmegaConf.select(cfg, "stage.init_checkpoint", default=None)
+    if not init:
+        return
+    path = Path(init)
+    if not path.exists():
+        raise FluidConfigError("stage.init_checkpoint", f"{init!r} does not exist",
+                               f"run stage {cfg.stage.id - 1} first or set stage.init_checkpoint=DIR")
+    meta = path / "fluid.json"
+    stage = json.loads(meta.read_text()).get("stage") if meta.exists() else None
+    want = cfg.stage.id - 1
+    if stage != want:
+        raise FluidConfigError("stage.init_checkpoint", f"{init!r} is a {'stage-' + str(stage) if stage is not None else 'plain'}"
+                               f" checkpoint; stage {cfg.stage.id} trains on a stage-{want} one",
+                               f"point it at the stage-{want} run's checkpoint/")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Everything about a ``fluid.train`` config that can be known before a model is built."""
+    unknown = sorted(set(cfg.keys()) - TRAIN_KEYS)
+    if unknown:
+        hint = "resuming is not supported yet" if "ckpt_path" in unknown else "a typo?"
+        raise FluidConfigError(unknown[0], f"is not a fluid.train option ({hint})",
+                               f"top-level keys: {', '.join(sorted(TRAIN_KEYS - {'hydra'}))}")
+    check_rules(cfg, TRAIN_RULES)
+    if OmegaConf.select(cfg, "stage.module.lora.enabled", default=False):
+        check_rules(cfg, LORA_RULES)
+    for group in cfg.stage.get("consumes", []) or []:
+        check_rules(cfg, GROUP_RULES.get(group, {}))
+    check_devices(cfg)
+    check_init_checkpoint(cfg)
+
+
+def validate_generate(cfg: DictConfig) -> None:
+    """``fluid.generate``: prompts, device and dtype (the decode node is checked by DecodeConfig)."""
+    prompts = cfg.get("prompts")
+    if OmegaConf.is_list(prompts):
+        prompts = OmegaConf.to_container(prompts, resolve=True)
+    if prompts is not None and not isinstance(prompts, list):
+        raise FluidConfigError("prompts", f"must be a list of prompts, got {prompts!r}",
+                               "quote a list: prompts='[\"How many ...?\"]'")
+    if isinstance(prompts, list) and not all(isinstance(p, (str, list)) and p for p in prompts):
+        raise FluidConfigError("prompts", "every prompt must be a non-empty string or a list of chat messages")
+    device = str(cfg.device)
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise FluidConfigError("device", f"unknown {device!r}", "use auto, cpu or cuda[:N]")
+    if device.startswith("cuda") and not _cuda_available():
+        raise FluidConfigError("device", f"{device!r} but CUDA is not available", "use device=cpu or device=auto")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise FluidConfigError("dtype", f"unknown {cfg.dtype!r}", "use float32 (lossless), bfloat16 or float16")
