@@ -51,21 +51,20 @@ def run(cfg: DictConfig) -> dict:
     from fluid.decoding import FluidDecoder
     from fluid.validate import validate_generate
 
-    validate_generate(cfg)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype = DTYPES[cfg.dtype]
-    fm = load_fluid(cfg.checkpoint, device=device, dtype=dtype)
-    model, head, tok = fm.model, fm.head, fm.tokenizer
-    mask = fm.mask_token_id if cfg.mask_token_id is None else cfg.mask_token_id  # an explicit id overrides fluid.json
+    validate_generate(cfg)  # what can be checked before a model is loaded
     dcfg = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
-    if dcfg.algorithm == "fluid" and dcfg.horizon == "head" and head is None:
-        raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",
-                               "use a stage-2 checkpoint or decode.horizon=fixed")
     try:
         dcfg.validate()
     except ValueError as e:
         raise FluidConfigError("decode", str(e)) from None
     prompts = read_prompts(cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    fm = load_fluid(cfg.checkpoint, device=device, dtype=DTYPES[cfg.dtype])
+    model, head, tok = fm.model, fm.head, fm.tokenizer
+    mask = fm.mask_token_id if cfg.mask_token_id is None else cfg.mask_token_id  # an explicit id overrides fluid.json
+    if dcfg.algorithm == "fluid" and dcfg.horizon == "head" and head is None:
+        raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",
+                               "use a stage-2 checkpoint or decode.horizon=fixed")
     ids = [encode(tok, p, cfg.chat) for p in prompts]
     dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=dcfg, stop_strings=list(cfg.stop_strings))
     out = dec.generate(ids)

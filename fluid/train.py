@@ -79,12 +79,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
-    L.seed_everything(cfg.seed, workers=True)
-
     metrics: dict[str, Any] = {"status": "failed"}
     trainer = None
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
+        L.seed_everything(cfg.seed, workers=True)
         spec = BackboneSpec.from_config(cfg.backbone)
         if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
             init = cfg.stage.init_checkpoint

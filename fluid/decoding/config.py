@@ -58,6 +58,9 @@ class DecodeConfig:
             raise ValueError(f"decode.algorithm: unknown {self.algorithm!r} ({' | '.join(ALGORITHMS)})")
         if self.horizon not in HORIZONS:
             raise ValueError(f"decode.horizon: unknown {self.horizon!r} ({' | '.join(HORIZONS)})")
+        if self.fixed_k < 1 or (self.horizon == "fixed" and self.fixed_k > self.k_max):
+            raise ValueError(f"decode.fixed_k must be in [1, k_max={self.k_max}], got {self.fixed_k} "
+                             "(raise decode.k_max for a longer fixed horizon)")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"decode.k_min/k_max: need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:

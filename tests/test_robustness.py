@@ -1,0 +1,159 @@
+"""Runs that survive a cluster (issue 12): bad inputs fail before any model is built with one line
+naming the key (exit 2) and publish nothing; a NaN loss stops the run; a 2-device DDP run of
+stage 1 completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+# (overrides, the key the one-line message must name)
+TRAIN_CASES = [
+    (["stage=2", "tau.value=0"], "tau.value"),
+    (["stage=2", "tau.value=-1.5"], "tau.value"),
+    (["stage=2", "tau.sigma=0"], "tau.sigma"),
+    (["stage=2", "tau.value=abc"], "tau.value"),
+    (["stage=1", "masking.anchor_prob=0"], "masking.anchor_prob"),
+    (["stage=1", "masking.anchor_prob=1.5"], "masking.anchor_prob"),
+    (["stage=1", "masking.horizon=0"], "masking.horizon"),
+    (["stage=1", "masking.noise_prob=1"], "masking.noise_prob"),
+    (["trainer.max_steps=0"], "trainer.max_steps"),
+    (["trainer.max_steps=-5"], "trainer.max_steps"),
+    (["stage.module.optim.lr=inf"], "stage.module.optim.lr"),
+    (["stage.module.optim.lr=nan"], "stage.module.optim.lr"),
+    (["stage.module.optim.lr=-1e-3"], "stage.module.optim.lr"),
+    (["stage.module.optim.lr=0"], "stage.module.optim.lr"),
+    (["stage.module.optim.lr=fast"], "stage.module.optim.lr"),
+    (["stage.module.optim.scheduler=linear"], "stage.module.optim.scheduler"),
+    (["stage.module.optim.warmup_ratio=1"], "stage.module.optim.warmup_ratio"),
+    (["stage.module.optim.weight_decay=-0.1"], "stage.module.optim.weight_decay"),
+    (["stage.module.optim.min_lr_ratio=2"], "stage.module.optim.min_lr_ratio"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.batch_size=-2"], "data.batch_size"),
+    (["data.eval_batch_size=0"], "data.eval_batch_size"),
+    (["data.max_length=1"], "data.max_length"),
+    (["data.num_workers=-1"], "data.num_workers"),
+    (["stage=1", "stage.module.lora.enabled=true", "stage.module.lora.r=0"], "stage.module.lora.r"),
+    (["stage=1", "stage.module.lora.enabled=true", "stage.module.lora.dropout=1"], "stage.module.lora.dropout"),
+    (["stage=1", "stage.module.lora.enabled=true", "stage.module.lora.alpha=0"], "stage.module.lora.alpha"),
+    (["stage=1", "stage.module.attention=sparse"], "stage.module.attention"),
+    (["stage=1", "stage.module.max_expanded_len=1"], "stage.module.max_expanded_len"),
+    (["stage=1", "stage.module.loss.reduction=sum"], "stage.module.loss.reduction"),
+    (["stage=1", "stage.module.loss.ar_weight=-1"], "stage.module.loss.ar_weight"),
+    (["stage=2", "stage.module.lane_forward=magic"], "stage.module.lane_forward"),
+    (["stage=2", "stage.module.lane_chunk=0"], "stage.module.lane_chunk"),
+    (["stage=2", "stage.module.anchor_prob=0"], "stage.module.anchor_prob"),
+    (["stage.module.eval_max_new_tokens=0"], "stage.module.eval_max_new_tokens"),
+    (["seed=abc"], "seed"),
+    (["seed=-1"], "seed"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes"),
+    (["strategy=deepspeed_zero2"], "strategy"),
+    (["strategy=deepspeed_zero3"], "strategy"),
+    (["trainer.accelerator=gpu"], "trainer.accelerator"),
+    (["+ckpt_path=last"], "ckpt_path"),
+    (["+max_step=10"], "max_step"),
+]
+GENERATE_CASES = [
+    (["prompts=hello"], "prompts"),
+    (["prompts=[]"], "prompts"),
+    (["device=cuda"], "device"),
+    (["device=tpu"], "device"),
+    (["dtype=float64"], "dtype"),
+    (["decode.fixed_k=0", "decode.horizon=fixed", "prompts=[hi]"], "decode"),
+    (["decode.fixed_k=100", "decode.horizon=fixed", "prompts=[hi]"], "decode"),
+    (["decode.k_min=9", "decode.k_max=4", "prompts=[hi]"], "decode"),
+]
+
+
+def run_main(module: str, overrides: list[str], tmp_path, capsys):
+    """``python -m fluid.<module> OVERRIDES`` in this process; (exit code, stderr)."""
+    import importlib
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    mod = importlib.import_module(f"fluid.{module}")
+    argv = [module, *overrides, f"hydra.run.dir={tmp_path / 'run'}", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+            "logger=csv"] if module == "train" else [module, *overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                                                      f"checkpoint={tmp_path / 'artifacts' / 'none'}"]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with pytest.raises(SystemExit) as e:
+            mod.main()
+    finally:
+        sys.argv = old
+        GlobalHydra.instance().clear()
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,key", TRAIN_CASES, ids=[" ".join(o) for o, _ in TRAIN_CASES])
+def test_bad_train_input_fails_before_work(overrides, key, tmp_path, capsys):
+    code, err = run_main("train", overrides, tmp_path, capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}"), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "artifacts").exists()  # nothing published
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("overrides,key", GENERATE_CASES, ids=[" ".join(o) for o, _ in GENERATE_CASES])
+def test_bad_generate_input_fails_with_one_line(overrides, key, tmp_path, capsys, monkeypatch):
+    from fluid import validate
+
+    monkeypatch.setattr(validate, "_cuda_available", lambda: False)
+    code, err = run_main("generate", overrides, tmp_path, capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}"), err
+
+
+def test_stage2_on_a_stage0_checkpoint_is_refused(tmp_path, capsys, tiny_checkpoint):
+    from fluid.checkpoint import CheckpointMeta
+
+    stage0 = tmp_path / "stage0"
+    stage0.mkdir()
+    CheckpointMeta(stage=0).write(stage0)
+    code, err = run_main("train", ["stage=2", f"stage.init_checkpoint={stage0}"], tmp_path, capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: stage.init_checkpoint:"), err
+    assert "is a stage-0 checkpoint; stage 2 trains on a stage-1 one" in err
+
+
+def test_non_finite_loss_stops_with_the_step_and_publishes_nothing(tmp_path, capsys, cache_dir):
+    """lr=1e30: the first update makes the weights (and the next loss) non-finite."""
+    code, err = run_main("train", ["stage=0", "stage.module.optim.lr=1e30", "stage.module.optim.warmup_ratio=0",
+                                   "trainer.max_steps=6", "trainer.gradient_clip_val=null", "data.source.n_train=64",
+                                   "data.source.n_val=8", "test=false", f"paths.cache_dir={cache_dir}",
+                                   "trainer.enable_progress_bar=false"], tmp_path, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: optim.lr:") and "at step" in last, err[-2000:]
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "run" / "checkpoint").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_two_device_ddp_stage1_completes(tmp_path, tiny_checkpoint):
+    """``trainer.devices=2 stage=1`` relaunches the script for rank 1 with Hydra's argv (the
+    quoted ``stage='1'``); both ranks train, one writes the run's files."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fluid.train", "stage=1", "trainer.devices=2", "trainer.max_steps=3",
+           f"backbone.path={tiny_checkpoint}", "logger=csv", "publish=false", "data.source.n_train=64",
+           "data.source.n_val=8", "data.source.n_test=4", "stage.module.eval_max_new_tokens=8",
+           "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["train/steps"] == 3
+    assert len((run / "test_predictions.jsonl").read_text().splitlines()) == 4  # both ranks' records
+    assert (run / "checkpoint" / "fluid.json").exists()
