@@ -86,6 +86,18 @@ def mask_token_id(meta: CheckpointMeta | int | None, tokenizer) -> int | None:
     return recorded if recorded is not None else tokenizer.mask_token_id
 
 
+def align_special_tokens(model, tokenizer) -> None:
+    """Make the model's config and generation config name the tokenizer's BOS/EOS/PAD ids, so
+    that other tools (Hugging Face ``generate``, vLLM, lm-eval) stop where this project does."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        for k, v in ids.items():
+            setattr(cfg, k, v)
+
+
 @dataclass
 class FluidModel:
     model: torch.nn.Module                  # the causal LM (eval mode)

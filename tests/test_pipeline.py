@@ -282,3 +282,16 @@ def test_load_fluid_reads_the_pipelines_checkpoints(stage1, stage2):
         out = dec.generate(ids, batch_size=bs)
         assert out["tokens"] == ref, bs
         assert all(r.horizons and sum(r.accepted) == len(r.tokens) for r in out["rows"])
+
+
+def test_exports_name_the_tokenizers_special_tokens(stage0, stage1):
+    """Stage 0/1 exports: config.json and generation_config.json carry the tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    for run, _ in (stage0, stage1):
+        ckpt = run / "checkpoint"
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        for name in ("config.json", "generation_config.json"):
+            cfg = json.loads((ckpt / name).read_text())
+            assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == \
+                (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), (run, name)

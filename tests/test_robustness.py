@@ -157,3 +157,36 @@ def test_two_device_ddp_stage1_completes(tmp_path, tiny_checkpoint):
     assert m["status"] == "completed" and m["train/steps"] == 3
     assert len((run / "test_predictions.jsonl").read_text().splitlines()) == 4  # both ranks' records
     assert (run / "checkpoint" / "fluid.json").exists()
+
+
+def test_exported_special_tokens_let_hf_generate_stop_at_eos(tmp_path, arith_tokenizer):
+    """A model built from a config (the tiny backbone: bos=1, eos=2 by default) exported the way
+    the stages export: Hugging Face ``generate`` stops at the tokenizer's EOS with the project's
+    greedy output. The model always predicts EOS, so a wrong eos id would run to max_new_tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fluid.checkpoint import align_special_tokens
+    from fluid.decoding.ar import greedy_generate
+    from tests.conftest import tiny_model
+
+    tok = arith_tokenizer
+    model = tiny_model("llama", vocab_size=len(tok), tie_word_embeddings=False)
+    assert model.config.eos_token_id != tok.eos_token_id  # the mismatch the export must fix
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb[5].expand_as(emb))
+        h = model(torch.tensor([[5, 6]]), output_hidden_states=True).hidden_states[-1][0, -1]
+        model.lm_head.weight[tok.eos_token_id] = 100 * h / h.square().sum()
+    align_special_tokens(model, tok)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (loaded.config.bos_token_id, loaded.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    assert loaded.generation_config.eos_token_id == tok.eos_token_id
+    prompt = tok("3 + 4", add_special_tokens=False)["input_ids"]
+    out = loaded.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    ours = greedy_generate(loaded, [prompt], max_new_tokens=20, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id).tokens[0]
+    assert out == ours == [tok.eos_token_id]
+    assert list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.bin"))

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 
 from fluid.backbones.spec import BackboneSpec
-from fluid.checkpoint import CheckpointMeta
+from fluid.checkpoint import CheckpointMeta, align_special_tokens
 from fluid.decoding.ar import greedy_generate
 from fluid.eval.answers import exact_match
 from fluid.modules.optim import OptimConfig, build_optimizer
@@ -60,6 +60,7 @@ class FluidModule(L.LightningModule):
         are further :class:`CheckpointMeta` fields (the run's data and seed)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        align_special_tokens(self.model, self.tokenizer)
         self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         dataclasses.replace(self.checkpoint_meta(out), **fields).write(out)
