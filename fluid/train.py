@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
     metrics: dict[str, Any] = {"status": "failed"}
     trainer = None
+    previous = _previous_status(run_dir)
+    if previous is not None:
+        metrics["previous_status"] = previous
+    if _rank_zero(None):  # a kill -9 leaves this behind: the next start in the directory reports it
+        write_json(run_dir / "metrics.json", {"status": "running", "pid": os.getpid()})
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
         L.seed_everything(cfg.seed, workers=True)
@@ -126,6 +132,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["status"] = "completed"
     except BaseException as e:
         metrics["error"] = f"{type(e).__name__}: {e}"
+        if type(e).__name__ == "SIGTERMException":  # how SLURM preempts: save what there is, exit non-zero
+            metrics["status"] = "terminated"
+            metrics["error"] = "SIGTERM received (preempted or cancelled)"
+            saved = _save_on_signal(trainer, run_dir)
+            if saved:
+                metrics["terminated_checkpoint"] = saved
+            raise SystemExit(128 + signal.SIGTERM) from None
         raise
     finally:
         _finish_loggers(trainer)
@@ -135,6 +148,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _previous_status(run_dir: Path) -> str | None:
+    """What the last run in ``run_dir`` left: ``killed`` when it was still running and its
+    process is gone (kill -9, out of memory, a lost node)."""
+    import json
+
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        prev = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return "unreadable"
+    if prev.get("status") == "running":
+        pid = prev.get("pid")
+        try:
+            alive = pid is not None and pid != os.getpid() and (os.kill(pid, 0) or True)
+        except OSError:
+            alive = False
+        status = "running elsewhere" if alive else "killed"
+        log.warning("%s: the previous run here ended without a status: %s", run_dir, status)
+        return status
+    return prev.get("status")
+
+
+def _save_on_signal(trainer, run_dir: Path) -> str | None:
+    """A checkpoint of where a terminated run got to (``checkpoints/terminated.ckpt``)."""
+    if trainer is None or trainer.global_step == 0:
+        return None
+    path = run_dir / "checkpoints" / "terminated.ckpt"
+    try:
+        trainer.save_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - the run is ending anyway; say why nothing was saved
+        log.warning("SIGTERM: could not save %s: %s", path, e)
+        return None
+    return str(path)
 
 
 def _gather_records(trainer, records: list[dict]) -> list[dict]:

@@ -190,3 +190,53 @@ def test_exported_special_tokens_let_hf_generate_stop_at_eos(tmp_path, arith_tok
                            pad_token_id=tok.pad_token_id).tokens[0]
     assert out == ours == [tok.eos_token_id]
     assert list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.bin"))
+
+
+def _start_stage0(run, cache_dir):
+    cmd = [sys.executable, "-m", "fluid.train", "stage=0", "trainer.max_steps=5000", "logger=csv", "publish=false",
+           "test=false", "trainer.enable_progress_bar=false", "data.source.n_train=256", "data.source.n_val=8",
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_training(run, proc, timeout=120):
+    """Until the run has a Lightning step checkpoint dir or a CSV row: it is inside fit()."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        status = json.loads((run / "metrics.json").read_text()).get("status") if (run / "metrics.json").exists() else None
+        if status == "running" and (run / "csv" / "metrics.csv").exists():
+            return
+        time.sleep(0.5)
+    raise AssertionError("the run did not start training")
+
+
+def test_sigterm_exits_non_zero_with_a_status_and_a_checkpoint(tmp_path, cache_dir):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = _start_stage0(run, cache_dir)
+    _wait_training(run, proc)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 143, proc.stderr.read()[-2000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "terminated" and "SIGTERM" in m["error"]
+    assert (run / "checkpoints" / "terminated.ckpt").exists()
+
+
+def test_kill_9_is_reported_by_the_next_start(tmp_path, cache_dir, capsys):
+    import signal
+
+    run = tmp_path / "run"
+    proc = _start_stage0(run, cache_dir)
+    _wait_training(run, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "running"  # what kill -9 leaves
+    code, _ = run_main("train", ["trainer.max_steps=0"], tmp_path, capsys)  # the next start in that directory
+    m = json.loads((run / "metrics.json").read_text())
+    assert code == 2 and m["previous_status"] == "killed" and m["status"] == "failed"
