@@ -89,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(run_dir / "metrics.json", {"status": "running", "pid": os.getpid()})
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
+        resume = _resume_from(cfg, run_dir)
         L.seed_everything(cfg.seed, workers=True)
         spec = BackboneSpec.from_config(cfg.backbone)
         if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
@@ -103,7 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
         trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=loggers or False,
                               callbacks=[*callbacks, _finite_loss_callback()])
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if _needs_final_validation(trainer):  # val/* in metrics.json describe the final weights
             metrics.update(trainer.validate(module, datamodule=datamodule, verbose=False)[0])
@@ -148,6 +149,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path=last``: this run directory's ``checkpoints/last.ckpt``; ``ckpt_path=FILE``: that file."""
+    want = cfg.get("ckpt_path")
+    if not want:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if want == "last" else Path(want)
+    if not path.is_file():
+        raise FluidConfigError("ckpt_path", f"{str(path)!r} does not exist",
+                               "resume in the run's own directory (hydra.run.dir=RUN_DIR ckpt_path=last) or give a .ckpt file")
+    log.info("resuming from %s", path)
+    return str(path)
 
 
 def _previous_status(run_dir: Path) -> str | None:

@@ -93,7 +93,7 @@ GROUP_RULES = {
     "tau": {"tau.value": positive(), "tau.sigma": positive()},
 }
 # top-level keys of ``conf/train.yaml`` and its groups; anything else is a typo or an unsupported option
-TRAIN_KEYS = {"task_name", "run_name", "run_tags", "seed", "test", "publish", "paths", "stage", "backbone", "data",
+TRAIN_KEYS = {"ckpt_path", "task_name", "run_name", "run_tags", "seed", "test", "publish", "paths", "stage", "backbone", "data",
               "masking", "tau", "trainer", "strategy", "logger", "callbacks", "debug", "experiment", "optimized_metric",
               "hydra"}
 
@@ -147,8 +147,7 @@ def validate_train(cfg: DictConfig) -> None:
     """Everything about a ``fluid.train`` config that can be known before a model is built."""
     unknown = sorted(set(cfg.keys()) - TRAIN_KEYS)
     if unknown:
-        hint = "resuming is not supported yet" if "ckpt_path" in unknown else "a typo?"
-        raise FluidConfigError(unknown[0], f"is not a fluid.train option ({hint})",
+        raise FluidConfigError(unknown[0], "is not a fluid.train option (a typo?)",
                                f"top-level keys: {', '.join(sorted(TRAIN_KEYS - {'hydra'}))}")
     check_rules(cfg, TRAIN_RULES)
     if OmegaConf.select(cfg, "stage.module.lora.enabled", default=False):

@@ -60,7 +60,8 @@ TRAIN_CASES = [
     (["strategy=deepspeed_zero2"], "strategy"),
     (["strategy=deepspeed_zero3"], "strategy"),
     (["trainer.accelerator=gpu"], "trainer.accelerator"),
-    (["+ckpt_path=last"], "ckpt_path"),
+    (["ckpt_path=last"], "ckpt_path"),             # nothing to resume in a new run directory
+    (["ckpt_path=/no/such.ckpt"], "ckpt_path"),
     (["+max_step=10"], "max_step"),
 ]
 GENERATE_CASES = [
@@ -240,3 +241,54 @@ def test_kill_9_is_reported_by_the_next_start(tmp_path, cache_dir, capsys):
     code, _ = run_main("train", ["trainer.max_steps=0"], tmp_path, capsys)  # the next start in that directory
     m = json.loads((run / "metrics.json").read_text())
     assert code == 2 and m["previous_status"] == "killed" and m["status"] == "failed"
+
+
+def _stage0_cmd(run, cache_dir, steps, *extra):
+    return [sys.executable, "-m", "fluid.train", "stage=0", f"trainer.max_steps={steps}", "logger=csv", "publish=false",
+            "test=false", "trainer.enable_progress_bar=false", "data.source.n_train=96", "data.source.n_val=8",
+            "data.batch_size=8", "trainer.val_check_interval=1000", "callbacks.model_checkpoint.every_n_train_steps=2",
+            f"+callbacks.batch_log={{_target_:fluid.utils.callbacks.BatchLog,path:{run}/batches.jsonl}}",
+            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}", *extra]
+
+
+def _batches(run) -> list[tuple[int, str]]:
+    rows = [json.loads(line) for line in (run / "batches.jsonl").read_text().splitlines()]
+    return [(r["step"], r["batch"]) for r in rows]
+
+
+def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir):
+    """An uninterrupted 16-step run (12 batches an epoch) against one killed with SIGKILL after
+    a checkpoint and resumed with ``ckpt_path=last`` in its own directory: the same final step
+    and, step for step, the same batches (across the epoch boundary too)."""
+    import signal
+    import time
+
+    full = tmp_path / "full"
+    r = subprocess.run(_stage0_cmd(full, cache_dir, 16), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_stage0_cmd(run, cache_dir, 16), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 300:
+        if last.exists() and len(_batches(run)) >= 5:  # a checkpoint (step 2 or 4) and training past it
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and last.exists()
+    seen = _batches(run)
+    r = subprocess.run(_stage0_cmd(run, cache_dir, 16, "ckpt_path=last"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["train/steps"] == 16 and m["previous_status"] == "killed"
+    resumed = _batches(run)[len(seen):]
+    # steps after the checkpoint ran twice (before the kill and after the resume): the last
+    # entry of each step counts, as the weights of the resumed run saw them
+    by_step = dict(seen)
+    by_step.update(dict(resumed))
+    assert resumed[0][0] < seen[-1][0] + 1  # the resume restarted from a checkpoint, not from the kill
+    assert sorted(by_step.items()) == _batches(full)

@@ -5,15 +5,35 @@ from __future__ import annotations
 from functools import partial
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from fluid.data.sft import PromptDataset, SFTDataset, collate_prompts, collate_sft
 
 
+class ResumableSampler(Sampler):
+    """A shuffling sampler whose order is a function of (seed, epoch) alone, and which starts
+    where a resumed run left off: ``position()`` gives (epoch, batches already done in it), read
+    when iteration starts (after Lightning has restored the loops from ``ckpt_path``). A run
+    resumed after a kill therefore sees exactly the batches an uninterrupted run would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, position):
+        self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, position
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch, done = self.position()
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return iter(order[done * self.batch_size:])
+
+
 class SFTDataModule(L.LightningDataModule):
     def __init__(self, source, tokenizer, batch_size: int = 32, eval_batch_size: int = 64,
-                 max_length: int = 512, num_workers: int = 0, name: str = "data"):
+                 max_length: int = 512, num_workers: int = 0, name: str = "data", seed: int = 0):
         super().__init__()
+        self.seed = seed  # the training order: a function of (seed, epoch)
         self.name = name
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -32,7 +52,19 @@ class SFTDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, True, partial(collate_sft, pad_id=self.tokenizer.pad_token_id))
+        sampler = ResumableSampler(len(self.train_set), self.batch_size, self.seed, self._position)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=partial(collate_sft, pad_id=self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def _position(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, False,
