@@ -104,6 +104,23 @@ def _check_recipe(overrides: list[str], conf_dir: Path) -> str | None:
     return None
 
 
+def expand_recipe(overrides: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+    """``experiment=pangu7b_stage1`` given alone: add the choices its name implies (``stage=1
+    backbone=pangu7b``) and those its ``recipe_groups`` key lists (``strategy=deepspeed_zero2``),
+    unless the command line makes them itself (a different choice is then refused by
+    :func:`check_group_overrides`). A recipe file cannot choose groups itself: train.yaml
+    selects it through an interpolation, and such a file may not override the defaults list."""
+    chosen = {ov.split("=", 1)[0].lstrip("+") for ov in overrides if "=" in ov and not ov.startswith(("~", "hydra"))}
+    exp = next((ov.split("=", 1)[1] for ov in overrides if ov.startswith("experiment=")), "")
+    m = RECIPE.match(exp.strip())
+    path = conf_dir / "experiment" / f"{exp.strip()}.yaml"
+    if "," in exp or not m or not path.exists() or not (conf_dir / "backbone" / f"{m['backbone']}.yaml").exists():
+        return overrides
+    groups = {"stage": m["stage"], "backbone": m["backbone"]}
+    groups.update({k: str(v) for k, v in (OmegaConf.load(path).get("recipe_groups") or {}).items()})
+    return [f"{g}={c}" for g, c in groups.items() if g not in chosen] + overrides  # before any --flag
+
+
 def quote_numeric_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
     """``stage=1`` -> ``stage='1'``: Hydra parses a bare number as int, which it refuses as
     a config-group choice; quoting keeps ``stage=0,1,2`` sweeps working too."""

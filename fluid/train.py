@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fluid.config import CONF_DIR, check_group_overrides, quote_numeric_group_overrides, register_resolvers
+from fluid.config import CONF_DIR, check_group_overrides, expand_recipe, quote_numeric_group_overrides, register_resolvers
 from fluid.utils.build import build, instantiate_dict
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
@@ -286,11 +286,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    msg = check_group_overrides(sys.argv[1:])
+    argv = expand_recipe(sys.argv[1:])
+    msg = check_group_overrides(argv)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-    sys.argv[1:] = quote_numeric_group_overrides(sys.argv[1:])
+    sys.argv[1:] = quote_numeric_group_overrides(argv)
     _hydra_main()
 
 

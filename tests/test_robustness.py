@@ -292,3 +292,29 @@ def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir):
     by_step.update(dict(resumed))
     assert resumed[0][0] < seen[-1][0] + 1  # the resume restarted from a checkpoint, not from the kill
     assert sorted(by_step.items()) == _batches(full)
+
+
+def test_published_pangu_recipes_compose_with_their_values(tmp_path):
+    """``experiment=pangu7b_stage1`` alone: the stage, backbone, strategy and trainer it implies,
+    and the published hyperparameters."""
+    from fluid.config import check_group_overrides, expand_recipe
+    from tests.conftest import compose_cfg
+
+    argv = expand_recipe(["experiment=pangu7b_stage1"])
+    assert check_group_overrides(argv) is None
+    assert set(argv) == {"experiment=pangu7b_stage1", "stage=1", "backbone=pangu7b", "strategy=deepspeed_zero2",
+                         "trainer=gpu"}
+    c = compose_cfg(argv, tmp_path)
+    lora, optim = c.stage.module.lora, c.stage.module.optim
+    assert (c.backbone.name, c.stage.id, c.stage.max_steps) == ("pangu7b", 1, 32000)
+    assert (lora.enabled, lora.r, lora.alpha, lora.target_modules) == (True, 16, 32, "all-linear")
+    assert (optim.lr, optim.scheduler, optim.warmup_ratio) == (2e-4, "cosine", 0.1)
+    assert (c.masking.horizon, c.data.batch_size, c.data.max_length) == (16, 2, 1024)
+    assert (c.trainer.devices, c.trainer.precision, c.strategy.stage) == (8, "bf16-mixed", 2)
+    assert "DeepSpeedStrategy" in c.strategy._target_
+    c2 = compose_cfg(expand_recipe(["experiment=pangu7b_stage2"]), tmp_path)
+    assert (c2.stage.id, c2.stage.max_steps, c2.stage.module.horizon, c2.tau.value) == (2, 2000, 16, 2.8)
+    # a choice given on the command line wins; a contradicting stage is refused
+    assert "strategy=ddp" in expand_recipe(["experiment=pangu7b_stage1", "strategy=ddp"])
+    assert "strategy=deepspeed_zero2" not in expand_recipe(["experiment=pangu7b_stage1", "strategy=ddp"])
+    assert check_group_overrides(expand_recipe(["experiment=pangu7b_stage1", "stage=2"]))
