@@ -148,7 +148,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     fm = load_fluid(cfg.checkpoint, device=_device(cfg.device), dtype=DTYPES[cfg.dtype])
     tok = fm.tokenizer
     settings = decoder_settings(cfg, base, fm.head is not None) if bench.mode == "generate" else {}
-    loggers = instantiate_dict(cfg.get("logger"))
+    loggers = instantiate_dict(cfg.get("logger"), "logger")
     ids = [bench.encode(s, tok) for s in samples]
     meta = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "n_samples": len(samples), "mode": bench.mode,
             "device": str(fm.model.device), "dtype": cfg.dtype, "threads": torch.get_num_threads(),

@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, check_group_overrides, expand_recipe, quote_numeric_group_overrides, register_resolvers
-from fluid.utils.build import build, instantiate_dict
+from fluid.utils.build import build, instantiate, instantiate_dict
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
 log = logging.getLogger("fluid.train")
@@ -28,10 +28,8 @@ register_resolvers()
 
 
 def _strategy(cfg: DictConfig):
-    from hydra.utils import instantiate
-
     if "_target_" in cfg.strategy:
-        return instantiate(cfg.strategy)
+        return instantiate(cfg.strategy, "strategy")
     return cfg.strategy.get("name", "auto")
 
 
@@ -67,7 +65,6 @@ def _one_console_log() -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
-    from hydra.utils import instantiate
 
     _one_console_log()
 
@@ -97,12 +94,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             spec = dataclasses.replace(spec, path=init, scratch=None, prepare=None)
         from_scratch = cfg.stage.id == 0 and spec.is_embedded
         tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
-        datamodule = instantiate(cfg.data, tokenizer=tokenizer, _recursive_=True)
+        datamodule = instantiate(cfg.data, "data", tokenizer=tokenizer, _recursive_=True)
         module = build(cfg.stage.module, backbone=spec, tokenizer=tokenizer, **_stage_kwargs(cfg))
-        loggers = instantiate_dict(cfg.logger)
+        loggers = instantiate_dict(cfg.logger, "logger")
         callbacks = [c for c in instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
-        trainer = instantiate(cfg.trainer, strategy=_strategy(cfg), logger=loggers or False,
+        trainer = instantiate(cfg.trainer, "trainer", strategy=_strategy(cfg), logger=loggers or False,
                               callbacks=[*callbacks, _finite_loss_callback()])
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})

@@ -318,3 +318,15 @@ def test_published_pangu_recipes_compose_with_their_values(tmp_path):
     assert "strategy=ddp" in expand_recipe(["experiment=pangu7b_stage1", "strategy=ddp"])
     assert "strategy=deepspeed_zero2" not in expand_recipe(["experiment=pangu7b_stage1", "strategy=ddp"])
     assert check_group_overrides(expand_recipe(["experiment=pangu7b_stage1", "stage=2"]))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["+trainer.bogus_option=1"], "trainer"),
+    (["+logger.csv.bogus_option=1"], "logger.csv"),
+    (["data=jsonl", "data.source.train_path=/no/such/train.jsonl"], "data.source.train_path"),
+], ids=["trainer", "logger", "jsonl"])
+def test_errors_from_building_objects_keep_one_line(overrides, key, tmp_path, capsys, cache_dir):
+    code, err = run_main("train", [*overrides, f"paths.cache_dir={cache_dir}", "trainer.max_steps=2"], tmp_path, capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}"), err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "artifacts").exists()

@@ -16,10 +16,28 @@ def build(node: DictConfig, **objects):
     return target(**kwargs, **objects)
 
 
-def instantiate_dict(node: DictConfig | None) -> list:
-    """The objects of a node of named ``_target_`` entries (``logger``, ``callbacks``)."""
-    from hydra.utils import instantiate
+def instantiate(node: DictConfig, key: str, **kwargs):
+    """Hydra's ``instantiate``, but an error raised while building keeps one line: the project's
+    own :class:`FluidConfigError` as it is, any other one as a FluidConfigError naming ``key``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
 
+    from fluid.utils.errors import FluidConfigError
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, FluidConfigError):
+            raise cause from None
+        text = str(cause if cause is not None else e).strip().splitlines() or [type(e).__name__]
+        raise FluidConfigError(key, f"cannot be built: {text[0]}") from None
+
+
+def instantiate_dict(node: DictConfig | None, key: str = "callbacks") -> list:
+    """The objects of a node of named ``_target_`` entries (``logger``, ``callbacks``)."""
     if not node:
         return []
-    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [instantiate(v, f"{key}.{name}") for name, v in node.items() if isinstance(v, DictConfig) and "_target_" in v]
