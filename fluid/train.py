@@ -99,8 +99,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers = instantiate_dict(cfg.logger, "logger")
         callbacks = [c for c in instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
-        trainer = instantiate(cfg.trainer, "trainer", strategy=_strategy(cfg), logger=loggers or False,
-                              callbacks=[*callbacks, _finite_loss_callback()])
+        strategy = _strategy(cfg)
+        trainer = instantiate(cfg.trainer, "trainer", strategy=strategy, logger=loggers or False,
+                              callbacks=[*callbacks, _finite_loss_callback()], plugins=_plugins(strategy))
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if _needs_final_validation(trainer):  # val/* in metrics.json describe the final weights
@@ -146,6 +147,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _plugins(strategy) -> list:
+    """Atomic checkpoint writes, except where the strategy writes its own (DeepSpeed, FSDP)."""
+    from fluid.utils.ckpt_io import AtomicCheckpointIO
+
+    name = type(strategy).__name__ if not isinstance(strategy, str) else strategy
+    return [] if "DeepSpeed" in name or "FSDP" in name or "deepspeed" in name or "fsdp" in name else [AtomicCheckpointIO()]
 
 
 def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -330,3 +331,32 @@ def test_errors_from_building_objects_keep_one_line(overrides, key, tmp_path, ca
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}"), err[-2000:]
     assert "Traceback" not in err and not (tmp_path / "artifacts").exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A full disk in the middle of a save: the previous last.ckpt is intact, no partial file is
+    left, and the temporary file lived beside the checkpoint (one filesystem: a rename)."""
+    import errno
+
+    import torch
+
+    from fluid.utils import ckpt_io
+
+    io = ckpt_io.AtomicCheckpointIO()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, last)
+    seen = []
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        seen.append(Path(f.name))
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, last)
+    monkeypatch.setattr(ckpt_io.torch, "save", real_save)
+    assert seen and seen[0].parent == last.parent
+    assert torch.load(last, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
