@@ -87,6 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
         resume = _resume_from(cfg, run_dir)
+        _apply_global_batch(cfg)
         L.seed_everything(cfg.seed, workers=True)
         spec = BackboneSpec.from_config(cfg.backbone)
         if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
@@ -147,6 +148,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _apply_global_batch(cfg: DictConfig) -> None:
+    """``data.global_batch_size=N``: the per-device batch (at most ``data.batch_size``) and the
+    gradient accumulation follow from the device count, so one number fixes the optimisation."""
+    from omegaconf import open_dict
+
+    from fluid.validate import derive_batch, world_size
+
+    global_batch = cfg.data.get("global_batch_size")
+    if global_batch is None:
+        return
+    world = world_size(cfg)
+    per_device, accumulate = derive_batch(global_batch, cfg.data.batch_size, world)
+    with open_dict(cfg):
+        cfg.data.batch_size, cfg.trainer.accumulate_grad_batches = per_device, accumulate
+    log.info("global batch %d = %d devices x %d per device x %d accumulation", global_batch, world, per_device,
+             accumulate)
 
 
 def _plugins(strategy) -> list:

@@ -78,6 +78,7 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.module.loss.diff_weight": number_in(0, INF, hi_open=True),
     "data.batch_size": int_at_least(1),
     "data.eval_batch_size": int_at_least(1),
+    "data.global_batch_size": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1 or null"),
     "data.max_length": int_at_least(2),
     "data.num_workers": int_at_least(0),
 }
@@ -175,3 +176,32 @@ def validate_generate(cfg: DictConfig) -> None:
         raise FluidConfigError("device", f"{device!r} but CUDA is not available", "use device=cpu or device=auto")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise FluidConfigError("dtype", f"unknown {cfg.dtype!r}", "use float32 (lossless), bfloat16 or float16")
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Devices x nodes the trainer will run on (``auto`` / -1: every visible GPU, else 1)."""
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if isinstance(devices, str) and devices != "auto":
+        devices = [d for d in devices.split(",") if d.strip()]
+    if OmegaConf.is_list(devices) or isinstance(devices, list):
+        n = len(devices)
+    elif devices in ("auto", -1):
+        import torch
+
+        n = max(1, torch.cuda.device_count()) if _cuda_available() else 1
+    else:
+        n = int(devices)
+    return n * int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1)
+
+
+def derive_batch(global_batch: int, max_per_device: int, world: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation) that make ``global_batch`` on ``world`` devices:
+    the largest per-device batch up to ``max_per_device`` that divides it evenly."""
+    if not _is_int(global_batch) or global_batch < 1:
+        raise FluidConfigError("data.global_batch_size", f"must be an integer >= 1 or null, got {global_batch!r}")
+    if global_batch % world:
+        raise FluidConfigError("data.global_batch_size", f"{global_batch} is not divisible by the {world} devices",
+                               "pick a multiple of the device count")
+    per_rank = global_batch // world
+    per_device = max(b for b in range(1, min(max_per_device, per_rank) + 1) if per_rank % b == 0)
+    return per_device, per_rank // per_device

@@ -360,3 +360,37 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     assert seen and seen[0].parent == last.parent
     assert torch.load(last, weights_only=True)["step"] == 1
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_global_batch_gives_the_per_device_batch_and_accumulation(tmp_path):
+    from omegaconf import open_dict
+
+    from fluid.train import _apply_global_batch
+    from fluid.utils.errors import FluidConfigError
+    from fluid.validate import derive_batch
+    from tests.conftest import compose_cfg
+
+    assert derive_batch(16, 2, 8) == (2, 1)
+    assert derive_batch(16, 2, 2) == (2, 4)
+    assert derive_batch(16, 2, 1) == (2, 8)
+    assert derive_batch(24, 16, 1) == (12, 2)  # the largest batch that divides the share evenly
+    assert derive_batch(12, 5, 2) == (3, 2)
+    with pytest.raises(FluidConfigError, match="not divisible by the 8 devices"):
+        derive_batch(12, 2, 8)
+    for devices, want in ((1, (2, 8)), (2, (2, 4)), (8, (2, 1))):
+        cfg = compose_cfg(["stage=1", "data.batch_size=2", "data.global_batch_size=16", f"trainer.devices={devices}"],
+                          tmp_path)
+        with open_dict(cfg):
+            _apply_global_batch(cfg)
+        assert (cfg.data.batch_size, cfg.trainer.accumulate_grad_batches) == want
+
+
+@pytest.mark.parametrize("name", ["auto", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_each_strategy_composes_and_constructs_on_cpu(name, tmp_path):
+    from fluid.train import _strategy
+    from tests.conftest import compose_cfg
+
+    strategy = _strategy(compose_cfg([f"strategy={name}"], tmp_path))
+    expected = {"auto": "str", "ddp": "DDPStrategy", "deepspeed_zero2": "DeepSpeedStrategy",
+                "deepspeed_zero3": "DeepSpeedStrategy", "fsdp": "FSDPStrategy"}[name]
+    assert type(strategy).__name__ == expected

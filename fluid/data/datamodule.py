@@ -31,7 +31,8 @@ class ResumableSampler(Sampler):
 
 class SFTDataModule(L.LightningDataModule):
     def __init__(self, source, tokenizer, batch_size: int = 32, eval_batch_size: int = 64,
-                 max_length: int = 512, num_workers: int = 0, name: str = "data", seed: int = 0):
+                 max_length: int = 512, num_workers: int = 0, name: str = "data", seed: int = 0,
+                 global_batch_size: int | None = None):  # resolved into batch_size by fluid.train
         super().__init__()
         self.seed = seed  # the training order: a function of (seed, epoch)
         self.name = name
