@@ -94,11 +94,11 @@ def main(argv=None):
                         compile=args.compile)
     dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=base)
     dec.generate(ids[:4], algorithm="ar", batch_size=4)  # warm-up
-    dec.generate(ids[:4], horizon="fixed", batch_size=4)
+    dec.generate(ids[:4], horizon="fixed", fixed_k=min(base.fixed_k, base.k_max), batch_size=4)
     if args.compile:  # compile for the shapes every row will see before anything is timed
         for bs in (1, 16):
-            for kw in (dict(algorithm="ar"), dict(horizon="head"), dict(horizon="fixed"), dict(verify=False),
-                       dict(algorithm="published")):
+            for kw in (dict(algorithm="ar"), dict(horizon="head"), dict(horizon="fixed", fixed_k=min(base.fixed_k, base.k_max)),
+                       dict(verify=False), dict(algorithm="published")):
                 dec.generate(ids[:16], batch_size=bs, **kw)
 
     # the best fixed K, by tokens/s at batch 1 on a calibration subset
