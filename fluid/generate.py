@@ -25,10 +25,17 @@ def read_prompts(cfg: DictConfig) -> list:
         if not f.exists():
             raise FluidConfigError("prompt_file", f"{str(f)!r} does not exist")
         if f.suffix == ".jsonl":
-            for line in f.read_text().splitlines():
-                if line.strip():
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
                     row = json.loads(line)
-                    prompts.append(row.get("messages") or row.get("prompt") or row.get("question"))
+                except json.JSONDecodeError as e:
+                    raise FluidConfigError("prompt_file", f"{f}:{n} is not valid JSON ({e.msg})") from None
+                prompt = row.get("messages") or row.get("prompt") or row.get("question") if isinstance(row, dict) else None
+                if not prompt:
+                    raise FluidConfigError("prompt_file", f"{f}:{n} has no 'prompt', 'question' or 'messages'")
+                prompts.append(prompt)
         else:
             prompts += [ln for ln in f.read_text().splitlines() if ln.strip()]
     if not prompts:
@@ -62,6 +69,10 @@ def run(cfg: DictConfig) -> dict:
     fm = load_fluid(cfg.checkpoint, device=device, dtype=DTYPES[cfg.dtype])
     model, head, tok = fm.model, fm.head, fm.tokenizer
     mask = fm.mask_token_id if cfg.mask_token_id is None else cfg.mask_token_id  # an explicit id overrides fluid.json
+    vocab = model.get_input_embeddings().num_embeddings
+    if mask is not None and not 0 <= mask < vocab:
+        raise FluidConfigError("mask_token_id", f"{mask} is outside the model's vocabulary (0..{vocab - 1})",
+                               "leave it null to use the checkpoint's")
     if dcfg.algorithm == "fluid" and dcfg.horizon == "head" and head is None:
         raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",
                                "use a stage-2 checkpoint or decode.horizon=fixed")

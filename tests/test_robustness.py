@@ -77,7 +77,7 @@ GENERATE_CASES = [
 ]
 
 
-def run_main(module: str, overrides: list[str], tmp_path, capsys):
+def run_main(module: str, overrides: list[str], tmp_path, capsys, checkpoint=None):
     """``python -m fluid.<module> OVERRIDES`` in this process; (exit code, stderr)."""
     import importlib
 
@@ -87,7 +87,7 @@ def run_main(module: str, overrides: list[str], tmp_path, capsys):
     mod = importlib.import_module(f"fluid.{module}")
     argv = [module, *overrides, f"hydra.run.dir={tmp_path / 'run'}", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
             "logger=csv"] if module == "train" else [module, *overrides, f"hydra.run.dir={tmp_path / 'run'}",
-                                                      f"checkpoint={tmp_path / 'artifacts' / 'none'}"]
+                                                      f"checkpoint={checkpoint or tmp_path / 'artifacts' / 'none'}"]
     old = sys.argv
     sys.argv = argv
     try:
@@ -411,3 +411,17 @@ def test_slurm_launcher_takes_its_resources_from_the_trainer():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
     assert launcher.signal_delay_s > 0
+
+
+def test_bad_prompt_files_and_mask_ids_fail_with_one_line(tmp_path, capsys, tiny_checkpoint):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "ok"}\n{not json\n')
+    no_keys = tmp_path / "nokeys.jsonl"
+    no_keys.write_text('{"text": "no prompt here"}\n')
+    for f, message in ((bad_json, "bad.jsonl:2 is not valid JSON"), (no_keys, "nokeys.jsonl:1 has no 'prompt'")):
+        code, err = run_main("generate", [f"prompt_file={f}"], tmp_path, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: prompt_file:") and message in lines[0], err
+    code, err = run_main("generate", ["prompts=[hi]", "mask_token_id=100000", "decode.horizon=fixed"], tmp_path, capsys,
+                         checkpoint=tiny_checkpoint)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: mask_token_id: 100000 is outside"), err
