@@ -69,6 +69,7 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.module.attention": one_of("auto", "dense", "flex"),
     "stage.module.lane_forward": one_of("auto", "prefix", "expanded"),
     "stage.module.lane_chunk": int_at_least(1),
+    "stage.module.horizon": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1 or null"),
     "stage.module.anchor_prob": number_in(0, 1, lo_open=True),
     "stage.module.eval_max_new_tokens": int_at_least(1),
     "stage.module.max_expanded_len": ((lambda v: v is None or (_is_int(v) and v >= 2)), "must be an integer >= 2 or null"),

@@ -50,6 +50,8 @@ TRAIN_CASES = [
     (["stage=2", "stage.module.lane_forward=magic"], "stage.module.lane_forward"),
     (["stage=2", "stage.module.lane_chunk=0"], "stage.module.lane_chunk"),
     (["stage=2", "stage.module.anchor_prob=0"], "stage.module.anchor_prob"),
+    (["stage=2", "stage.module.horizon=0"], "stage.module.horizon"),
+    (["stage=2", "stage.init_checkpoint=/no/such/dir"], "stage.init_checkpoint"),
     (["stage.module.eval_max_new_tokens=0"], "stage.module.eval_max_new_tokens"),
     (["seed=abc"], "seed"),
     (["seed=-1"], "seed"),
