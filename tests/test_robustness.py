@@ -327,8 +327,14 @@ def test_published_pangu_recipes_compose_with_their_values(tmp_path):
     (["+trainer.bogus_option=1"], "trainer"),
     (["+logger.csv.bogus_option=1"], "logger.csv"),
     (["data=jsonl", "data.source.train_path=/no/such/train.jsonl"], "data.source.train_path"),
-], ids=["trainer", "logger", "jsonl"])
+    (["data=jsonl", "data.source.train_path=TMP/empty.jsonl", "data.source.val_path=TMP/empty.jsonl"], "data.source"),
+    (["data=jsonl", "data.source.train_path=TMP/long.jsonl", "data.source.val_path=TMP/long.jsonl", "data.max_length=4"],
+     "data.max_length"),
+], ids=["trainer", "logger", "jsonl", "empty-jsonl", "too-long-jsonl"])
 def test_errors_from_building_objects_keep_one_line(overrides, key, tmp_path, capsys, cache_dir):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "a b c d e f g h", "response": "i j k l m n"}) + "\n")
+    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
     code, err = run_main("train", [*overrides, f"paths.cache_dir={cache_dir}", "trainer.max_steps=2"], tmp_path, capsys)
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}"), err[-2000:]

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fluid.nn import IGNORE
+from fluid.utils.errors import FluidConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,11 @@ class SFTDataset(Dataset):
         if self.dropped:
             log.warning("dropped %d of %d examples longer than data.max_length=%d",
                         self.dropped, len(examples), max_length)
+        if not examples:
+            raise FluidConfigError("data.source", "the split has no examples", "check the data files and their sizes")
         if not self.items:
-            raise ValueError(f"no example fits data.max_length={max_length}")
+            raise FluidConfigError("data.max_length", f"none of the {len(examples)} examples fits in {max_length} tokens",
+                                   "raise data.max_length")
 
     def __len__(self) -> int:
         return len(self.items)
