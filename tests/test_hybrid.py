@@ -128,3 +128,24 @@ def test_export_adapter_and_merged_checkpoint(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         got = reloaded(input_ids=ids, position_ids=torch.arange(5)[None]).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoint):
+    grads = []
+    for on in (False, True):
+        spec = BackboneSpec(name="tiny-test", path=str(tiny_checkpoint), mask_token="<|mask|>", dtype="float32")
+        tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+        m = HybridDiffusionModule(spec, tok, masking=MASKING, optim={"lr": 1e-2}, attention="dense", seed=0,
+                                  gradient_checkpointing=on)
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        m.configure_model()
+        m.train()
+        assert m.model.is_gradient_checkpointing == on
+        lb = m.expand(batch_for(tok), torch.Generator().manual_seed(3))
+        loss = combine(lane_losses(m.forward_lanes(lb), lb))
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-6) and g0 and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6), n

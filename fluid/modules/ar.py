@@ -22,6 +22,7 @@ class ARModule(FluidModule):
         self.model = self.spec.build_model(from_scratch=scratch, vocab_size=len(self.tokenizer) if scratch else None)
         if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:
             self.model.resize_token_embeddings(len(self.tokenizer))
+        self.checkpoint_activations(self.model)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,8 +43,9 @@ class HybridDiffusionModule(LaneModule):
 
     def __init__(self, backbone, tokenizer, masking: dict, optim: dict | None = None, lora: dict | None = None,
                  attention: str = "auto", max_expanded_len: int | None = None, pad_to_multiple: int = 1,
-                 loss: dict | None = None, seed: int = 0, eval_max_new_tokens: int = 128):
-        super().__init__(backbone, tokenizer, optim, eval_max_new_tokens)
+                 loss: dict | None = None, seed: int = 0, eval_max_new_tokens: int = 128,
+                 gradient_checkpointing: bool = False):
+        super().__init__(backbone, tokenizer, optim, eval_max_new_tokens, gradient_checkpointing)
         self.masking_cfg = dict(masking)
         self.schedule = instantiate(self.masking_cfg)
         self.lora = LoraSettings(**(lora or {}))
@@ -65,7 +66,7 @@ class HybridDiffusionModule(LaneModule):
         # the MASK id is decided here, once, and recorded in fluid.json for everything after stage 1
         self.mask_token_id, _ = resolve_mask_token(self.tokenizer, model, self.spec.mask_token)
         self.noise_ids = noise_token_ids(self.tokenizer, model.get_input_embeddings().weight.shape[0])
-        self.model = apply_lora(model, self.lora, [self.mask_token_id]).train()
+        self.model = apply_lora(self.checkpoint_activations(model), self.lora, [self.mask_token_id]).train()
 
     # ------------------------------------------------------------------ steps
     def expand(self, batch: dict, generator: torch.Generator) -> LaneBatch:
