@@ -433,3 +433,19 @@ def test_bad_prompt_files_and_mask_ids_fail_with_one_line(tmp_path, capsys, tiny
     code, err = run_main("generate", ["prompts=[hi]", "mask_token_id=100000", "decode.horizon=fixed"], tmp_path, capsys,
                          checkpoint=tiny_checkpoint)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: mask_token_id: 100000 is outside"), err
+
+
+@pytest.mark.slow
+def test_ddp_resume_sees_the_same_data(tmp_path, cache_dir):
+    """Two CPU processes: an uninterrupted 10-step run against a 4-step run resumed to 10 with
+    ``ckpt_path=last`` (6 batches a rank an epoch): rank 0 sees the same batch at every step.
+    About 100 s on 2 cores (three DDP runs)."""
+    def cmd(run, steps, *extra):
+        return [*_stage0_cmd(run, cache_dir, steps, *extra), "trainer.devices=2"]
+
+    full, run = tmp_path / "full", tmp_path / "resumed"
+    for c in (cmd(full, 10), cmd(run, 4), cmd(run, 10, "ckpt_path=last")):
+        r = subprocess.run(c, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["train/steps"] == 10
+    assert sorted(dict(_batches(run)).items()) == _batches(full)

@@ -6,27 +6,44 @@ from functools import partial
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from fluid.data.sft import PromptDataset, SFTDataset, collate_prompts, collate_sft
 
 
-class ResumableSampler(Sampler):
-    """A shuffling sampler whose order is a function of (seed, epoch) alone, and which starts
-    where a resumed run left off: ``position()`` gives (epoch, batches already done in it), read
-    when iteration starts (after Lightning has restored the loops from ``ckpt_path``). A run
-    resumed after a kill therefore sees exactly the batches an uninterrupted run would have."""
+class ResumableSampler(DistributedSampler):
+    """A shuffling sampler whose order is a function of (seed, epoch) alone and which starts where
+    a resumed run left off, on one device or several.
 
-    def __init__(self, n: int, batch_size: int, seed: int, position):
+    ``position()`` gives (epoch, batches this rank has done in the epoch, rank, world size), read
+    when iteration starts, after Lightning has restored the loops from ``ckpt_path``. The epoch's
+    permutation is padded to a multiple of the world size and dealt out ``rank::world`` (as
+    ``DistributedSampler`` does; being one, Lightning does not wrap it again); a rank's list is
+    rotated past the batches it already did, so its length stays the same and the restored loop
+    ends the epoch at its usual batch count. A run resumed after a kill therefore sees exactly
+    the batches an uninterrupted one would have."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, position):  # noqa: D107 - no process group needed
         self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, position
 
+    def _world(self) -> int:
+        return max(1, self.position()[3])
+
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self._world())
+
+    def set_epoch(self, epoch: int) -> None:  # the epoch comes from the trainer itself
+        pass
 
     def __iter__(self):
-        epoch, done = self.position()
+        epoch, done, rank, world = self.position()
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        return iter(order[done * self.batch_size:])
+        per_rank = -(-self.n // world)
+        order = (order * (1 + per_rank * world // max(1, self.n)))[: per_rank * world]  # pad as DistributedSampler
+        mine = order[rank::world]
+        skip = (done * self.batch_size) % max(1, len(mine))
+        return iter(mine[skip:] + mine[:skip])
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -58,11 +75,12 @@ class SFTDataModule(L.LightningDataModule):
                           collate_fn=partial(collate_sft, pad_id=self.tokenizer.pad_token_id),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def _position(self) -> tuple[int, int]:
+    def _position(self) -> tuple[int, int, int, int]:
         trainer = self._trainer_or_none()
         if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            return 0, 0, 0, 1
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return trainer.current_epoch, done, trainer.global_rank, max(1, trainer.world_size)
 
     def _trainer_or_none(self):
         return getattr(self, "trainer", None)
