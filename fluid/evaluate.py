@@ -9,7 +9,6 @@ and ``config.yaml``; with ``logger=wandb`` the same to W&B (offline by default).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -28,7 +27,6 @@ from fluid.utils.errors import FluidConfigError, one_line_errors
 log = logging.getLogger("fluid.evaluate")
 register_resolvers()
 register_decode_config()
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DECODE_FIELDS = {f.name for f in fields(DecodeConfig)}
 
 
@@ -92,14 +90,6 @@ def summarise(name: str, out: dict, correct: list[bool], ar: dict | None) -> dic
     return {f"{name}/{k}": v for k, v in m.items()}
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FluidConfigError("device", f"{name!r} but CUDA is not available", "use device=cpu or device=auto")
-    return name
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from fluid.utils.runinfo import git_revision, write_json
 
@@ -127,10 +117,10 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     from fluid.decoding import FluidDecoder
     from fluid.eval import report
     from fluid.utils.build import build, instantiate_dict
-    from fluid.utils.runinfo import write_json
+    from fluid.utils.runinfo import write_json, write_jsonl
+    from fluid.validate import resolve_device, torch_dtype
 
-    if cfg.dtype not in DTYPES:
-        raise FluidConfigError("dtype", f"unknown {cfg.dtype!r}", f"choose from {', '.join(DTYPES)}")
+    dtype, device = torch_dtype(cfg.dtype), resolve_device(cfg.device)
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
         raise FluidConfigError("limit", f"must be a positive integer or null, got {cfg.limit!r}")
     torch.manual_seed(cfg.seed)
@@ -145,7 +135,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
                                "batching", "use fluid, or published with decode.batch_size=1 (it decodes one prompt "
                                "at a time)")
     samples = bench.samples(cfg.limit)
-    fm = load_fluid(cfg.checkpoint, device=_device(cfg.device), dtype=DTYPES[cfg.dtype])
+    fm = load_fluid(cfg.checkpoint, device=device, dtype=dtype)
     tok = fm.tokenizer
     settings = decoder_settings(cfg, base, fm.head is not None) if bench.mode == "generate" else {}
     loggers = instantiate_dict(cfg.get("logger"), "logger")
@@ -166,7 +156,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
             for dcfg in [replace(base, algorithm="ar"), *settings.values()]:
                 dec.generate(ids[: cfg.warmup], **_fields(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
         outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings}, cfg.repeats, cfg.progress)
-        _write_jsonl(run_dir / "samples.jsonl", _records(samples, ids, tok, outs, None))  # kept if scoring fails
+        write_jsonl(run_dir / "samples.jsonl", _records(samples, ids, tok, outs, None))  # kept if scoring fails
         correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
         for name, out in outs.items():
             metrics.update(summarise(name, out, correct[name], outs["ar"] if name != "ar" else None))
@@ -175,7 +165,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
         x_label, x_key = "tokens/s", "tokens_per_s"
 
     # what every evaluation writes
-    _write_jsonl(run_dir / "samples.jsonl", records)
+    write_jsonl(run_dir / "samples.jsonl", records)
     write_json(run_dir / "metrics.json", {"status": "scored", **metrics})
     title = f"{bench.name}: {len(samples)} samples, {Path(cfg.checkpoint).name} ({meta['device']})"
     points = [{"name": n, "x": metrics.get(f"{n}/{x_key}") or 0.0, "accuracy": metrics[f"{n}/accuracy"],
@@ -188,12 +178,6 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     print(f"\n{title}\n{table}\n", flush=True)
     columns, rows = _sample_table(records, names)
     report.log_to_loggers(loggers, OmegaConf.to_container(cfg, resolve=True), metrics, columns, rows, plot)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progress: bool) -> dict[str, dict]:

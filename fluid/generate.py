@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, register_resolvers
@@ -15,7 +14,6 @@ from fluid.utils.errors import FluidConfigError, one_line_errors
 
 register_resolvers()
 register_decode_config()
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_prompts(cfg: DictConfig) -> list:
@@ -43,20 +41,27 @@ def read_prompts(cfg: DictConfig) -> list:
     return prompts
 
 
-def encode(tok, prompt, chat: bool) -> list[int]:
+def prompt_text(tok, prompt, chat: bool) -> str:
+    """The text a prompt (a string or chat messages) becomes: with ``chat``, the tokenizer's chat
+    template with the assistant turn opened (a trailing assistant message is dropped)."""
     if isinstance(prompt, str) and not chat:
-        return tok(prompt, add_special_tokens=False)["input_ids"]
+        return prompt
+    if not getattr(tok, "chat_template", None):
+        raise FluidConfigError("chat", "the tokenizer has no chat template", "turn the chat template off (chat=false)")
     msgs = prompt if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
     if msgs and msgs[-1].get("role") == "assistant":
         msgs = msgs[:-1]
-    text = tok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return tok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
+
+
+def encode(tok, prompt, chat: bool) -> list[int]:
+    return tok(prompt_text(tok, prompt, chat), add_special_tokens=False)["input_ids"]
 
 
 def run(cfg: DictConfig) -> dict:
     from fluid.checkpoint import load_fluid
     from fluid.decoding import FluidDecoder
-    from fluid.validate import validate_generate
+    from fluid.validate import resolve_device, torch_dtype, validate_generate
 
     validate_generate(cfg)  # what can be checked before a model is loaded
     dcfg = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
@@ -65,8 +70,7 @@ def run(cfg: DictConfig) -> dict:
     except ValueError as e:
         raise FluidConfigError("decode", str(e)) from None
     prompts = read_prompts(cfg)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    fm = load_fluid(cfg.checkpoint, device=device, dtype=DTYPES[cfg.dtype])
+    fm = load_fluid(cfg.checkpoint, device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype))
     model, head, tok = fm.model, fm.head, fm.tokenizer
     mask = fm.mask_token_id if cfg.mask_token_id is None else cfg.mask_token_id  # an explicit id overrides fluid.json
     vocab = model.get_input_embeddings().num_embeddings

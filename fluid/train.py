@@ -69,7 +69,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _one_console_log()
 
     from fluid.backbones.spec import BackboneSpec
-    from fluid.utils.runinfo import git_revision, write_json
+    from fluid.utils.callbacks import FiniteLoss
+    from fluid.utils.runinfo import git_revision, write_json, write_jsonl
     from fluid.validate import validate_train
 
     t0 = time.perf_counter()
@@ -102,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
         strategy = _strategy(cfg)
         trainer = instantiate(cfg.trainer, "trainer", strategy=strategy, logger=loggers or False,
-                              callbacks=[*callbacks, _finite_loss_callback()], plugins=_plugins(strategy))
+                              callbacks=[*callbacks, FiniteLoss()], plugins=_plugins(strategy))
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if _needs_final_validation(trainer):  # val/* in metrics.json describe the final weights
@@ -253,22 +254,6 @@ def _check_finite(module) -> None:
                                    "lower optim.lr or check the data; nothing was published")
 
 
-def _finite_loss_callback():
-    import lightning as L
-    import torch
-
-    class FiniteLoss(L.Callback):
-        """Stop at the first NaN or inf training loss, naming the step."""
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            if loss is not None and not torch.isfinite(loss).all():
-                raise FluidConfigError("optim.lr", f"the training loss is {loss.item()} at step {trainer.global_step}",
-                                       "lower optim.lr or check the data; nothing was published")
-
-    return FiniteLoss()
-
-
 def _finish_loggers(trainer) -> None:
     """Close W&B runs: in a multirun every job must get its own run (and flush offline files)."""
     for logger in getattr(trainer, "loggers", None) or []:
@@ -292,14 +277,6 @@ def _needs_final_validation(trainer) -> bool:
 
 def _export_meta(cfg: DictConfig) -> dict:
     return {"data": cfg.data.name, "seed": cfg.seed}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    import json
-
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

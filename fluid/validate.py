@@ -115,6 +115,27 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def torch_dtype(name, key: str = "dtype"):
+    """The torch dtype of a config name (the backbone configs' table: float32/fp32, bfloat16/bf16, ...)."""
+    from fluid.backbones.spec import DTYPES
+
+    if name not in DTYPES:
+        raise FluidConfigError(key, f"unknown {name!r}", f"use float32 (lossless), bfloat16 or float16 ({', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def resolve_device(name, key: str = "device") -> str:
+    """``auto`` -> cuda when there is a GPU, else cpu; ``cuda[:N]`` only when CUDA is available."""
+    name = str(name)
+    if name == "auto":
+        return "cuda" if _cuda_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise FluidConfigError(key, f"unknown {name!r}", "use auto, cpu or cuda[:N]")
+    if name.startswith("cuda") and not _cuda_available():
+        raise FluidConfigError(key, f"{name!r} but CUDA is not available", f"use {key}=cpu or {key}=auto")
+    return name
+
+
 def check_devices(cfg: DictConfig) -> None:
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
     if accelerator in ("gpu", "cuda") and not _cuda_available():
@@ -170,13 +191,8 @@ def validate_generate(cfg: DictConfig) -> None:
                                "quote a list: prompts='[\"How many ...?\"]'")
     if isinstance(prompts, list) and not all(isinstance(p, (str, list)) and p for p in prompts):
         raise FluidConfigError("prompts", "every prompt must be a non-empty string or a list of chat messages")
-    device = str(cfg.device)
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise FluidConfigError("device", f"unknown {device!r}", "use auto, cpu or cuda[:N]")
-    if device.startswith("cuda") and not _cuda_available():
-        raise FluidConfigError("device", f"{device!r} but CUDA is not available", "use device=cpu or device=auto")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise FluidConfigError("dtype", f"unknown {cfg.dtype!r}", "use float32 (lossless), bfloat16 or float16")
+    resolve_device(cfg.device)
+    torch_dtype(cfg.dtype)
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -76,14 +76,11 @@ class SFTDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _position(self) -> tuple[int, int, int, int]:
-        trainer = self._trainer_or_none()
+        trainer = self.trainer  # None until a Trainer uses this datamodule
         if trainer is None:
             return 0, 0, 0, 1
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return trainer.current_epoch, done, trainer.global_rank, max(1, trainer.world_size)
-
-    def _trainer_or_none(self):
-        return getattr(self, "trainer", None)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, False,

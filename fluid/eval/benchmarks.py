@@ -121,11 +121,12 @@ class Benchmark:
     def render(self, sample: Sample, tokenizer) -> str:
         """The prompt as text: the tokenizer's chat template over :meth:`messages` (with the
         assistant turn opened), or :meth:`plain`."""
-        if not self.chat:
-            return self.plain(sample)
-        if not getattr(tokenizer, "chat_template", None):
-            raise FluidConfigError("benchmark.chat", "the tokenizer has no chat template", "use benchmark.chat=false")
-        return tokenizer.apply_chat_template(self.messages(sample), tokenize=False, add_generation_prompt=True)
+        from fluid.generate import prompt_text
+
+        try:
+            return prompt_text(tokenizer, self.messages(sample) if self.chat else self.plain(sample), self.chat)
+        except FluidConfigError as e:
+            raise FluidConfigError(f"benchmark.{e.key}", e.problem, "use benchmark.chat=false") from None
 
     def encode(self, sample: Sample, tokenizer) -> list[int]:
         return tokenizer(self.render(sample, tokenizer), add_special_tokens=False)["input_ids"]

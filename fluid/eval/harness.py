@@ -60,7 +60,6 @@ from fluid.utils.errors import FluidConfigError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_BATCH_SIZE = 16
 OWN_KEYS = ("checkpoint", "device", "dtype", "batch_size", "max_new_tokens", "mask_token_id", "max_length",
             "add_bos_token")
@@ -132,9 +131,9 @@ class FluidLM(TemplateLM):
             log.warning("device %s: no CUDA device, using cpu", device)
             device = "cpu"
         if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise FluidConfigError("dtype", f"unknown {dtype!r}", " | ".join(DTYPES))
-            dtype = DTYPES[dtype]
+            from fluid.validate import torch_dtype
+
+            dtype = torch_dtype(dtype)
         self._batch_size = _int_or(batch_size, DEFAULT_BATCH_SIZE)
         if self._batch_size < 1:
             raise FluidConfigError("batch_size", f"must be >= 1, got {batch_size!r}")

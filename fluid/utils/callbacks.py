@@ -7,6 +7,20 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
+
+from fluid.utils.errors import FluidConfigError
+
+
+class FiniteLoss(L.Callback):
+    """Stop at the first NaN or inf training loss with one line naming the step (``fluid.train``
+    adds it to every run), before the weights it would produce are exported or published."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise FluidConfigError("optim.lr", f"the training loss is {loss.item()} at step {trainer.global_step}",
+                                   "lower optim.lr or check the data; nothing was published")
 
 
 class BatchLog(L.Callback):

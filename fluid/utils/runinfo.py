@@ -42,3 +42,12 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     tmp.write_text(json.dumps({k: to_plain(v) for k, v in data.items()}, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """One JSON object a line (a run's predictions or samples)."""
+    path = Path(path)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
