@@ -7,7 +7,6 @@ that is also written to ``<run dir>/metrics.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -20,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, check_group_overrides, expand_recipe, quote_numeric_group_overrides, register_resolvers
-from fluid.utils.build import build, instantiate, instantiate_dict
+from fluid.utils.build import instantiate, instantiate_dict
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
 log = logging.getLogger("fluid.train")
@@ -68,7 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     _one_console_log()
 
-    from fluid.backbones.spec import BackboneSpec
+    from fluid.convert import backbone_and_tokenizer, build_module, check_finite, export_meta, export_sharded, is_sharded
     from fluid.utils.callbacks import FiniteLoss
     from fluid.utils.runinfo import git_revision, write_json, write_jsonl
     from fluid.validate import validate_train
@@ -90,14 +89,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         resume = _resume_from(cfg, run_dir)
         _apply_global_batch(cfg)
         L.seed_everything(cfg.seed, workers=True)
-        spec = BackboneSpec.from_config(cfg.backbone)
-        if cfg.stage.get("init_checkpoint"):  # stage 2 starts from the stage-1 checkpoint
-            init = cfg.stage.init_checkpoint
-            spec = dataclasses.replace(spec, path=init, scratch=None, prepare=None)
-        from_scratch = cfg.stage.id == 0 and spec.is_embedded
-        tokenizer = spec.load_tokenizer(from_scratch=from_scratch)
+        spec, tokenizer, from_scratch = backbone_and_tokenizer(cfg)
         datamodule = instantiate(cfg.data, "data", tokenizer=tokenizer, _recursive_=True)
-        module = build(cfg.stage.module, backbone=spec, tokenizer=tokenizer, **_stage_kwargs(cfg))
+        module = build_module(cfg, spec, tokenizer)
         loggers = instantiate_dict(cfg.logger, "logger")
         callbacks = [c for c in instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
@@ -112,9 +106,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train/wall_time_s"] = time.perf_counter() - t0
         rank0 = trainer.is_global_zero  # with several devices one process writes the run's files
         ckpt = run_dir / "checkpoint"
-        if rank0:
-            _check_finite(module)
-            module.export_hf(ckpt, **_export_meta(cfg))
+        if is_sharded(trainer.strategy):  # ZeRO-3 / FSDP: no rank holds the whole model; gather it
+            export_sharded(trainer, cfg, run_dir, ckpt)
+        elif rank0:
+            check_finite(module)
+            module.export_hf(ckpt, **export_meta(cfg))
         trainer.strategy.barrier()
         metrics["checkpoint_dir"] = str(ckpt.resolve())
         if cfg.get("test", True) and cfg.stage.get("run_test", True):
@@ -183,7 +179,7 @@ def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
     if not want:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if want == "last" else Path(want)
-    if not path.is_file():
+    if not path.exists():  # a file, or a directory where DeepSpeed saved one
         raise FluidConfigError("ckpt_path", f"{str(path)!r} does not exist",
                                "resume in the run's own directory (hydra.run.dir=RUN_DIR ckpt_path=last) or give a .ckpt file")
     log.info("resuming from %s", path)
@@ -244,26 +240,11 @@ def _rank_zero(trainer) -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def _check_finite(module) -> None:
-    """Weights with a NaN or inf are never exported or published."""
-    import torch
-
-    for name, p in module.named_parameters():
-        if not torch.isfinite(p).all():
-            raise FluidConfigError("optim.lr", f"the trained weights are not finite ({name})",
-                                   "lower optim.lr or check the data; nothing was published")
-
-
 def _finish_loggers(trainer) -> None:
     """Close W&B runs: in a multirun every job must get its own run (and flush offline files)."""
     for logger in getattr(trainer, "loggers", None) or []:
         if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
             logger.experiment.finish()
-
-
-def _stage_kwargs(cfg: DictConfig) -> dict:
-    """Stage-specific groups a module consumes (masking for stage 1, tau for stage 2)."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in cfg.stage.get("consumes", [])}
 
 
 def _needs_final_validation(trainer) -> bool:
@@ -273,10 +254,6 @@ def _needs_final_validation(trainer) -> bool:
     if trainer.fast_dev_run or not trainer.limit_val_batches or not isinstance(interval, int) or interval < 1:
         return False
     return trainer.global_step > 0 and trainer.global_step % interval != 0
-
-
-def _export_meta(cfg: DictConfig) -> dict:
-    return {"data": cfg.data.name, "seed": cfg.seed}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

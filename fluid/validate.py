@@ -143,8 +143,11 @@ def check_devices(cfg: DictConfig) -> None:
                                "use trainer.accelerator=auto or trainer=cpu")
     target = str(OmegaConf.select(cfg, "strategy._target_", default="") or "")
     name = str(OmegaConf.select(cfg, "strategy.name", default="") or "")
-    if ("DeepSpeed" in target or "deepspeed" in name) and not _cuda_available():
+    if (target.startswith("lightning") and "DeepSpeed" in target or "deepspeed" in name) and not _cuda_available():
         raise FluidConfigError("strategy", "DeepSpeed runs on CUDA GPUs only, and there is none",
+                               "use strategy=auto (one device) or strategy=ddp on CPU")
+    if target.startswith("lightning") and "FSDP" in target and not _cuda_available():
+        raise FluidConfigError("strategy", "Lightning's FSDP runs on CUDA GPUs only, and there is none",
                                "use strategy=auto (one device) or strategy=ddp on CPU")
 
 

@@ -17,9 +17,7 @@ def brute_k_star(losses, valid, tau):
     for lane_l, lane_v in zip(losses.tolist(), valid.tolist()):
         best = 1
         for k in range(1, len(lane_l) + 1):
-            if not all(lane_v[:k]):
-                break
-            if sum(lane_l[:k]) / k < tau:
+            if sum(l if v else 0.0 for l, v in zip(lane_l[:k], lane_v[:k])) / k < tau:
                 best = k
         out.append(best)
     return torch.tensor(out)
@@ -32,6 +30,15 @@ def test_k_star_matches_brute_force(tau):
     cut = torch.randint(1, 9, (300,), generator=g)  # lanes cut by the sequence end
     valid = torch.arange(8)[None, :] < cut[:, None]
     assert torch.equal(k_star(losses, valid, tau), brute_k_star(losses, valid, tau))
+
+
+def test_k_star_is_not_capped_by_the_response_end():
+    """Slots past the end count as loss 0 (DESIGN section 2): a lane with 2 slots left whose
+    losses are low gets the full horizon, not 2; a lane whose real slots are too costly does not."""
+    losses = torch.tensor([[0.5, 1.0, 7.0, 7.0, 7.0, 7.0], [9.0, 9.0, 0.0, 0.0, 0.0, 0.0], [4.0, 4.0, 0.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 6, [True, True] + [False] * 4, [True, True] + [False] * 4])
+    # lane 1: means 9, 9, 6, 4.5, 3.6, 3 -> none < 2.8 -> 1; lane 2: 4, 4, 2.67, 2, 1.6, 1.33 -> 6
+    assert k_star(losses, valid, 2.8).tolist() == [2, 1, 6]
 
 
 def test_k_star_at_least_one_and_non_monotone_means():

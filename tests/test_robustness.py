@@ -62,6 +62,7 @@ TRAIN_CASES = [
     (["trainer.num_nodes=0"], "trainer.num_nodes"),
     (["strategy=deepspeed_zero2"], "strategy"),
     (["strategy=deepspeed_zero3"], "strategy"),
+    (["strategy=fsdp"], "strategy"),
     (["trainer.accelerator=gpu"], "trainer.accelerator"),
     (["ckpt_path=last"], "ckpt_path"),             # nothing to resume in a new run directory
     (["ckpt_path=/no/such.ckpt"], "ckpt_path"),

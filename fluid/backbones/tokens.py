@@ -34,11 +34,17 @@ def resolve_mask_token(tokenizer, model, mask_token: str | int | None) -> tuple[
         return int(existing), False
     tokenizer.add_special_tokens({"mask_token": mask_token})
     mask_id = int(tokenizer.convert_tokens_to_ids(mask_token))
-    emb = model.get_input_embeddings().weight
-    if mask_id >= emb.shape[0]:
+    if mask_id >= num_embeddings(model):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     log.info("added mask token %r as id %d (vocabulary %d)", mask_token, mask_id, len(tokenizer))
     return mask_id, True
+
+
+def num_embeddings(model) -> int:
+    """Rows of the input embedding; under ZeRO-3 the local tensor is an empty shard and the
+    real shape is ``ds_shape``."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 def noise_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:

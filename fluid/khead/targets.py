@@ -1,6 +1,7 @@
 """K-head targets as pure functions (docs/method.md section 4).
 
-per-slot losses of full-length lanes -> ``K* = max{k : mean(l_1..l_k) < tau}`` (at least 1)
+per-slot losses of full-length lanes -> ``K* = max{k : mean(l_1..l_k) < tau}`` (at least 1;
+a slot past the end of the response counts as loss 0)
 -> Gaussian soft labels centred on class ``K*-1`` -> KL(q || softmax(head)).
 """
 
@@ -39,12 +40,13 @@ def lane_slot_losses(ce: torch.Tensor, lb: LaneBatch, horizon: int):
 
 
 def k_star(losses: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
-    """``max{k : mean(l_1..l_k) < tau}`` over the valid prefix of each lane, at least 1."""
+    """``max{k : mean(l_1..l_k) < tau}``, at least 1, where a slot without a target (past the end
+    of the response) counts as loss 0, as in the reference code: under verification running into
+    EOS costs nothing, so a lane near the end is not capped by the tokens left (docs/method.md
+    section 4)."""
     k = torch.arange(1, losses.shape[-1] + 1, device=losses.device)
-    prefix_valid = torch.cumprod(valid.long(), -1).bool()
     means = torch.cumsum(torch.where(valid, losses, torch.zeros_like(losses)), -1) / k
-    ok = prefix_valid & (means < tau)
-    best = torch.where(ok, k, torch.zeros_like(k)).max(-1).values
+    best = torch.where(means < tau, k, torch.zeros_like(k)).max(-1).values
     return best.clamp(min=1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fluid.backbones.tokens import num_embeddings
 from fluid.modules.base import FluidModule
 from fluid.nn import masked_ce
 
@@ -19,8 +20,9 @@ class ARModule(FluidModule):
         if self.model is not None:
             return
         scratch = self.spec.is_embedded
+        self.announce_zero3()
         self.model = self.spec.build_model(from_scratch=scratch, vocab_size=len(self.tokenizer) if scratch else None)
-        if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:
+        if len(self.tokenizer) > num_embeddings(self.model):
             self.model.resize_token_embeddings(len(self.tokenizer))
         self.checkpoint_activations(self.model)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes

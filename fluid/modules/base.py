@@ -41,6 +41,19 @@ class FluidModule(L.LightningModule):
             model.config.use_cache = False
         return model
 
+    def announce_zero3(self) -> None:
+        """Call before building the backbone in ``configure_model``. Under DeepSpeed ZeRO-3
+        Lightning runs that hook inside ``deepspeed.zero.Init``, where every parameter is born
+        partitioned (empty): ``from_pretrained`` must know, or it loads the weights into empty
+        tensors and fails on the size mismatch. An ``HfDeepSpeedConfig`` of the strategy's
+        (formatted) config tells it to load and resize through gathered parameters; transformers
+        keeps only a weak reference, so the module holds it."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if "DeepSpeed" in type(strategy).__name__ and getattr(strategy, "zero_stage_3", False):
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(strategy.config)
+
     # -------------------------------------------------------------- training
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from fluid.backbones.tokens import noise_token_ids, resolve_mask_token
+from fluid.backbones.tokens import noise_token_ids, num_embeddings, resolve_mask_token
 from fluid.checkpoint import CheckpointMeta
 from fluid.lanes import AttentionBackend, LaneBatch
 from fluid.lanes.attention import attention_mask_for
@@ -65,7 +65,7 @@ class HybridDiffusionModule(LaneModule):
         model = self.build_backbone(flex=self.uses_flex(self.backend))
         # the MASK id is decided here, once, and recorded in fluid.json for everything after stage 1
         self.mask_token_id, _ = resolve_mask_token(self.tokenizer, model, self.spec.mask_token)
-        self.noise_ids = noise_token_ids(self.tokenizer, model.get_input_embeddings().weight.shape[0])
+        self.noise_ids = noise_token_ids(self.tokenizer, num_embeddings(model))
         self.model = apply_lora(self.checkpoint_activations(model), self.lora, [self.mask_token_id]).train()
 
     # ------------------------------------------------------------------ steps

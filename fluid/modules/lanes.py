@@ -17,6 +17,7 @@ class LaneModule(FluidModule):
 
     def build_backbone(self, flex: bool):
         """The backbone from its spec; ``flex``: flex attention for the expanded lane forward."""
+        self.announce_zero3()
         model = self.spec.build_model()
         if flex:
             model.config._attn_implementation = "flex_attention"

@@ -32,7 +32,8 @@ def instantiate(node: DictConfig, key: str, **kwargs):
             cause = cause.__cause__
         if isinstance(cause, FluidConfigError):
             raise cause from None
-        text = str(cause if cause is not None else e).strip().splitlines() or [type(e).__name__]
+        err = cause if cause is not None else e
+        text = str(err).strip().splitlines() or [type(err).__name__]
         raise FluidConfigError(key, f"cannot be built: {text[0]}") from None
 
 
