@@ -17,7 +17,7 @@ def brute_k_star(losses, valid, tau):
     for lane_l, lane_v in zip(losses.tolist(), valid.tolist()):
         best = 1
         for k in range(1, len(lane_l) + 1):
-            if sum(l if v else 0.0 for l, v in zip(lane_l[:k], lane_v[:k])) / k < tau:
+            if sum(x if v else 0.0 for x, v in zip(lane_l[:k], lane_v[:k])) / k < tau:
                 best = k
         out.append(best)
     return torch.tensor(out)
