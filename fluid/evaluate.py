@@ -34,8 +34,8 @@ def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool) -> dic
     """``settings`` (name -> DecodeConfig overrides on top of ``decode``), each also at every
     value of ``confidences`` (``<name>_c<value>``); checked before anything is decoded."""
     raw = OmegaConf.to_container(cfg.settings, resolve=True) if cfg.get("settings") else {}
-    if not raw:
-        raise FluidConfigError("settings", "no decoder setting to compare with AR", "e.g. settings='{fluid: {}}'")
+    if not raw:  # settings={}: AR greedy alone (a plain or stage-0 model's accuracy and speed)
+        return {}
     shared = sorted(f for f in ("algorithm", "batch_size", "max_new_tokens", "compile") if f in DECODE_FIELDS)
     confidences = list(cfg.get("confidences") or [])
     for c in confidences:
@@ -212,7 +212,8 @@ def _fields(dcfg: DecodeConfig) -> dict:
 def _records(samples, ids, tok, outs: dict, correct: dict) -> list[dict]:
     records = []
     for i, s in enumerate(samples):
-        r = {"id": s.id, "prompt": tok.decode(ids[i], skip_special_tokens=False), "reference": s.reference}
+        r = {"id": s.id, "question": s.question, "prompt": tok.decode(ids[i], skip_special_tokens=False),
+             "reference": s.reference}
         for name, out in outs.items():
             st = out["rows"][i]
             r[name] = {"output": out["texts"][i], "correct": None if correct is None else correct[name][i],

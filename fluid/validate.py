@@ -69,6 +69,9 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.module.attention": one_of("auto", "dense", "flex"),
     "stage.module.lane_forward": one_of("auto", "prefix", "expanded"),
     "stage.module.lane_chunk": int_at_least(1),
+    "stage.module.target_k_taus": ((lambda v: v is None or ((OmegaConf.is_list(v) or isinstance(v, (list, tuple))) and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < INF for t in v))),
+        "must be a list of numbers > 0 or null"),
     "stage.module.horizon": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1 or null"),
     "stage.module.anchor_prob": number_in(0, 1, lo_open=True),
     "stage.module.eval_max_new_tokens": int_at_least(1),

@@ -29,20 +29,36 @@ class Encoded:
 
 def encode_chat(tokenizer, messages: Sequence[dict]) -> Encoded:
     """Render with the tokenizer's own chat template; supervise the last assistant turn only."""
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("an example must end with an assistant message")
-    prompt_text = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    return encode_chats(tokenizer, [messages])[0]
+
+
+def encode_chats(tokenizer, conversations: Sequence[Sequence[dict]]) -> list[Encoded]:
+    """:func:`encode_chat` of many conversations, tokenized in two batched calls (the fast
+    tokenizers' batch path is several times quicker than one call per text)."""
+    prompts, responses = [], []
+    for messages in conversations:
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("an example must end with an assistant message")
+        prompt_text = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        prompts.append(prompt_text)
+        responses.append(full_text[len(prompt_text):])
+    if not prompts:
+        return []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    return [_encoded(tokenizer, p, r) for p, r in zip(prompt_ids, response_ids)]
+
+
+def _encoded(tokenizer, prompt_ids: list[int], response_ids: list[int]) -> Encoded:
     eos = tokenizer.eos_token_id
     if eos in response_ids:  # nothing after the end of the turn is worth learning
         response_ids = response_ids[: response_ids.index(eos) + 1]
     elif eos is not None:
         response_ids = response_ids + [eos]
-    ids = prompt_ids + response_ids
+    ids = list(prompt_ids) + response_ids
     labels = [IGNORE] * len(ids)
     for i in range(len(prompt_ids) - 1, len(ids) - 1):
         labels[i] = ids[i + 1]
@@ -62,8 +78,7 @@ class SFTDataset(Dataset):
     def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
         self.items: list[Encoded] = []
         self.dropped = 0
-        for ex in examples:
-            enc = encode_chat(tokenizer, ex["messages"])
+        for enc in encode_chats(tokenizer, [ex["messages"] for ex in examples]):
             if len(enc.input_ids) > max_length:
                 self.dropped += 1
                 continue

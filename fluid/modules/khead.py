@@ -28,7 +28,8 @@ class KHeadModule(LaneModule):
 
     def __init__(self, backbone: BackboneSpec, tokenizer, tau: dict, anchor_prob: float = 0.5,
                  horizon: int | None = None, optim: dict | None = None, attention: str = "auto", seed: int = 0,
-                 eval_max_new_tokens: int = 128, lane_forward: str = "auto", lane_chunk: int = LANE_CHUNK):
+                 eval_max_new_tokens: int = 128, lane_forward: str = "auto", lane_chunk: int = LANE_CHUNK,
+                 target_k_taus: list[float] | None = None):
         super().__init__(backbone, tokenizer, optim, eval_max_new_tokens)
         self.tau, self.sigma = float(tau["value"]), float(tau["sigma"])
         meta = CheckpointMeta.read(backbone.path) if backbone.path else CheckpointMeta()
@@ -45,6 +46,11 @@ class KHeadModule(LaneModule):
         if lane_chunk < 1:
             raise ValueError(f"stage.module.lane_chunk must be >= 1, got {lane_chunk}")
         self.lane_forward, self.lane_chunk = lane_forward, lane_chunk
+        # validation also reports the mean target K at these thresholds, on the same lanes: what a
+        # tau sweep would train towards, from one frozen forward instead of one run per tau
+        self.target_k_taus = [float(t) for t in (target_k_taus or [])]
+        if any(not t > 0 for t in self.target_k_taus):
+            raise ValueError(f"stage.module.target_k_taus must be numbers > 0, got {target_k_taus}")
         self.seed = seed
         self.head: KHead | None = None
         self.save_hyperparameters({"tau": self.tau, "sigma": self.sigma, "horizon": self.horizon,
@@ -77,6 +83,7 @@ class KHeadModule(LaneModule):
             hidden, losses, valid = expanded_lane_losses(self.model, lb, self.horizon, self.backend)
         kstar = k_star(losses, valid, self.tau)
         head_logits = self.head(hidden.to(self.head.net[0].weight.dtype))
+        self._last_lane_losses = (losses, valid)
         return kstar, head_logits
 
     # ------------------------------------------------------------------ steps
@@ -97,6 +104,10 @@ class KHeadModule(LaneModule):
         self.log("val/head_acc_within1", ((pred - kstar).abs() <= 1).float().mean(), batch_size=n, sync_dist=True)
         self.log("val/mean_target_k", kstar.float().mean(), batch_size=n, sync_dist=True)
         self.log("val/mean_pred_k", pred.float().mean(), batch_size=n, sync_dist=True)
+        losses, valid = self._last_lane_losses
+        for t in self.target_k_taus:
+            self.log(f"val/mean_target_k_tau{t:g}", k_star(losses, valid, t).float().mean(), batch_size=n,
+                     sync_dist=True)
         self._val.append((kstar.cpu(), pred.cpu()))
 
     def on_validation_epoch_end(self) -> None:

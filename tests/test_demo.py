@@ -1,0 +1,74 @@
+"""``python -m fluid.demo`` end to end on a tiny budget: every stage and both evaluations run as
+their own processes, the report has every row and column, a re-run reuses every step, and a
+changed setting reruns only the steps it reaches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SMOKE = ["train=[logger=csv,trainer.enable_progress_bar=false,stage.max_steps=2,trainer.val_check_interval=2,"
+         "data.source.n_train=64,data.source.n_val=8,data.source.n_test=8]",
+         "evaluate.overrides=[benchmark=arith,progress=false,limit=8,warmup=0]",
+         "evaluate.fixed_k=[2,4]", "evaluate.sweep=[0.5]", "examples=2"]
+
+
+def _demo(out, *extra):
+    r = subprocess.run([sys.executable, "-m", "fluid.demo", f"out_dir={out}", *SMOKE, *extra], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return r.stdout
+
+
+def _reused(stdout: str) -> set[str]:
+    return {line.split()[1].rstrip(":") for line in stdout.splitlines() if "reusing it" in line}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, _demo(out)
+
+
+def test_demo_writes_the_report_table_and_plot(first_run):
+    out, stdout = first_run
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["rows"]) == ["ar_prior", "ar_stage1", "fluid", "fluid_fixed_k", "fluid_noverify"]
+    for name, row in rep["rows"].items():
+        assert all(k in row for k in ("accuracy", "tpf", "tokens_per_s", "speedup_vs_ar", "identical_to_ar")), name
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["tokens_per_s"] > 0, name
+    assert rep["rows"]["fluid"]["identical_to_ar"] == 1.0  # lossless, even untrained
+    assert rep["rows"]["fluid_fixed_k"]["horizon"] in (2, 4)
+    assert set(rep["sweep"]) == {"verify_c0.5", "noverify_c0.5"}
+    assert rep["tau_sweep_mean_target_k"] and all(v >= 1 for v in rep["tau_sweep_mean_target_k"].values())
+    assert set(rep["timings"]["steps"]) == {"stage0", "stage1", "stage2", "eval_prior", "eval_fluid"}
+    assert not any(s["reused"] for s in rep["timings"]["steps"].values())
+    assert rep["recipe"]["stage1"]["command"].startswith("python -m fluid.train stage=1")
+    assert len(rep["examples"]) == 2 and all("reference" in e and "correct" in e for e in rep["examples"])
+    assert (out / "speed_accuracy.png").stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "| fluid |" in md and "reference" in md
+    assert "ar_prior" in stdout and "reference:" in stdout
+    assert _reused(stdout) == set()
+
+
+def test_demo_rerun_reuses_every_step_and_a_change_reruns_what_it_reaches(first_run):
+    out, _ = first_run
+    before = json.loads((out / "report.json").read_text())
+    stdout = _demo(out)
+    assert _reused(stdout) == {"stage0", "stage1", "stage2", "eval_prior", "eval_fluid"}
+    again = json.loads((out / "report.json").read_text())
+    assert again["rows"] == before["rows"]
+    stdout = _demo(out, "evaluate.noverify_confidence=0.7")  # only the stage-2 evaluation reads it
+    assert _reused(stdout) == {"stage0", "stage1", "stage2", "eval_prior"}
+
+
+def test_demo_refuses_an_unknown_option(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fluid.demo", f"out_dir={tmp_path}", "stages=3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: stages:")
