@@ -45,7 +45,13 @@ def assert_accuracy_is_the_runs_own(run, m, n_test=8):
 
     rows = [json.loads(line) for line in (run / "test_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == n_test
-    assert [r["reference"] for r in rows] == [str(p.answer) for p in ArithTask(seed=0).problems("test", n_test)]
+    from omegaconf import OmegaConf
+
+    from fluid.config import CONF_DIR
+
+    source = OmegaConf.load(CONF_DIR / "data" / "arith.yaml").source  # the task the run trained on
+    task = ArithTask(seed=source.seed, max_operand=source.max_operand)
+    assert [r["reference"] for r in rows] == [str(p.answer) for p in task.problems("test", n_test)]
     assert [r["correct"] for r in rows] == [bool(exact_match(r["completion"], r["reference"])) for r in rows]
     assert m["test/accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / n_test)
 
