@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fluid import exact
 from fluid.utils.errors import FluidConfigError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class CheckpointMeta:
     horizon: int | None = None              # lane length k_max (stage 1) / K-head classes (stage 2)
     masking: dict | None = None             # the stage-1 lane schedule
     adapter_dir: str | None = None          # stage 1 with LoRA: the adapter beside the merged model
+    lane_adapter: str | None = None         # stage 1 in exact mode: its adapter folder inside (fluid.exact)
     stage1_checkpoint: str | None = None    # stage 2: the frozen backbone the head belongs to
     head_file: str | None = None            # stage 2: the head's file in this directory
     tau: float | None = None                # stage 2: the K* threshold
@@ -139,6 +141,7 @@ def load_fluid(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
         raise FluidConfigError("checkpoint", f"cannot load a model from {str(base)!r}: {str(e).splitlines()[0]}") from None
+    model = exact.attach(model, base).eval()  # exact mode: the gated adapter (its plain forward is the original)
     head = None
     if meta.stage == 2:
         head = KHead.load(Path(path) / (meta.head_file or HEAD_FILE)).to(device=device, dtype=dtype).eval()

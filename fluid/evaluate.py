@@ -155,7 +155,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
         if cfg.warmup:  # first forwards allocate and tune kernels: not in any timing
             for dcfg in [replace(base, algorithm="ar"), *settings.values()]:
                 dec.generate(ids[: cfg.warmup], **_fields(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
-        outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings}, cfg.repeats, cfg.progress)
+        outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings}, cfg.repeats, cfg.progress,
+                          cfg.get("interleave"))
         write_jsonl(run_dir / "samples.jsonl", _records(samples, ids, tok, outs, None))  # kept if scoring fails
         correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
         for name, out in outs.items():
@@ -180,23 +181,54 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     report.log_to_loggers(loggers, OmegaConf.to_container(cfg, resolve=True), metrics, columns, rows, plot)
 
 
-def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progress: bool) -> dict[str, dict]:
-    """Every setting's outputs on ``ids``. With ``repeats`` > 1 the runs are interleaved (each
-    repeat runs every setting once, so a slow spell of a shared machine hits all alike) and a
-    setting's timing is its fastest run; decoding is deterministic, so the tokens must agree."""
+def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progress: bool,
+               interleave: int | None = None) -> dict[str, dict]:
+    """Every setting's outputs on ``ids``, timed fairly on a machine whose speed drifts.
+
+    ``interleave`` (prompts per round, rounded up to a multiple of the batch size; None or 0: all
+    of them): the prompts are decoded round by round, every setting decoding each round's prompts
+    in turn (the order rotating), so a slow spell of a shared machine lasting seconds hits every
+    setting alike instead of whichever ran then. Batches are the same as in one pass. With
+    ``repeats`` > 1 each round runs every setting that many times and its fastest run counts;
+    decoding is deterministic, so the tokens must agree."""
     if not isinstance(repeats, int) or repeats < 1:
         raise FluidConfigError("repeats", f"must be an integer >= 1, got {repeats!r}")
-    best: dict[str, dict] = {}
-    for r in range(repeats):
-        for name, dcfg in settings.items():
-            label = name if progress else None
-            out = dec.generate(ids, progress=label if repeats == 1 else (f"{label} {r + 1}/{repeats}" if label else None),
-                               **_fields(dcfg))
-            if name in best and out["tokens"] != best[name]["tokens"]:
-                raise RuntimeError(f"{name}: two runs decoded different tokens (decoding must be deterministic)")
-            if name not in best or out["wall_time_s"] < best[name]["wall_time_s"]:
-                best[name] = out
-    return best
+    if interleave is not None and (isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 0):
+        raise FluidConfigError("interleave", f"must be a number of prompts >= 0 or null, got {interleave!r}")
+    names = list(settings)
+    bs = max(d.batch_size for d in settings.values())
+    chunk = max(1, len(ids)) if not interleave else -(-interleave // bs) * bs
+    parts: dict[str, list[dict]] = {n: [] for n in names}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids) * len(names) * repeats, desc=f"decoding ({len(names)} settings)", unit="prompt",
+                   dynamic_ncols=True)
+    for k, start in enumerate(range(0, len(ids), chunk)):
+        part, best = ids[start: start + chunk], {}
+        for r in range(repeats):
+            for name in names[k % len(names):] + names[: k % len(names)]:
+                out = dec.generate(part, **_fields(settings[name]))
+                if name in best and out["tokens"] != best[name]["tokens"]:
+                    raise RuntimeError(f"{name}: two runs decoded different tokens (decoding must be deterministic)")
+                if name not in best or out["wall_time_s"] < best[name]["wall_time_s"]:
+                    best[name] = out
+                if bar is not None:
+                    bar.update(len(part))
+        for name in names:
+            parts[name].append(best[name])
+    if bar is not None:
+        bar.close()
+    return {name: merge_outputs(parts[name]) for name in names}
+
+
+def merge_outputs(parts: list[dict]) -> dict:
+    """One ``FluidDecoder.generate`` result from those of consecutive prompt chunks."""
+    out = {key: [x for p in parts for x in p[key]] for key in ("texts", "tokens", "rows")}
+    wall, n_tok, nfe = (sum(p[k] for p in parts) for k in ("wall_time_s", "generated_tokens", "nfe"))
+    return {**out, "wall_time_s": wall, "generated_tokens": n_tok, "nfe": nfe,
+            "tokens_per_s": n_tok / wall if wall > 0 else float("nan"), "tpf": n_tok / max(1, nfe)}
 
 
 def _overrides() -> list[str]:

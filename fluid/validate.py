@@ -90,6 +90,7 @@ LORA_RULES = {
     "stage.module.lora.r": int_at_least(1),
     "stage.module.lora.alpha": positive(),
     "stage.module.lora.dropout": number_in(0, 1, hi_open=True),
+    "stage.module.lora.scope": one_of("all", "lanes"),
 }
 # the groups a stage consumes (``stage.consumes``)
 GROUP_RULES = {
@@ -181,6 +182,9 @@ def validate_train(cfg: DictConfig) -> None:
     check_rules(cfg, TRAIN_RULES)
     if OmegaConf.select(cfg, "stage.module.lora.enabled", default=False):
         check_rules(cfg, LORA_RULES)
+    elif OmegaConf.select(cfg, "stage.module.lora.scope", default="all") == "lanes":
+        raise FluidConfigError("stage.module.lora.scope", "lanes (exact mode) gates a LoRA update, but "
+                               "stage.module.lora.enabled is false", "set stage.module.lora.enabled=true")
     for group in cfg.stage.get("consumes", []) or []:
         check_rules(cfg, GROUP_RULES.get(group, {}))
     check_devices(cfg)

@@ -276,6 +276,32 @@ def test_stop_string_inside_a_block_ends_fluid_where_it_ends_ar(drafting_stage2)
     assert fl["generated_tokens"] == ar["generated_tokens"] < 30 and fl["nfe"] < ar["nfe"]
 
 
+def test_interleaved_rounds_decode_what_one_pass_decodes(drafting_stage2):
+    """Rounds of prompts (every setting in turn, the order rotating) give each setting the tokens,
+    forwards and per-row statistics of one pass over all prompts at the same batching."""
+    from dataclasses import replace
+
+    from fluid.checkpoint import load_fluid
+    from fluid.decoding import DecodeConfig, FluidDecoder
+    from fluid.evaluate import decode_all
+
+    fm = load_fluid(drafting_stage2)
+    ids = [fm.tokenizer(f"{a} + {b}", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(3)]
+    base = DecodeConfig(max_new_tokens=12, k_min=4, k_max=8, batch_size=2)
+    dec = FluidDecoder(fm.model, fm.tokenizer, head=fm.head, mask_token_id=fm.mask_token_id, config=base)
+    settings = {"ar": replace(base, algorithm="ar"), "fluid": base, "k4": replace(base, horizon="fixed", fixed_k=4)}
+    one = decode_all(dec, ids, settings, repeats=1, progress=False, interleave=0)
+    rounds = decode_all(dec, ids, settings, repeats=2, progress=False, interleave=3)  # rounds of 4 prompts
+    for name in settings:
+        a, b = one[name], rounds[name]
+        assert a["tokens"] == b["tokens"] and a["nfe"] == b["nfe"] and len(b["rows"]) == len(ids)
+        assert [r.accepted for r in a["rows"]] == [r.accepted for r in b["rows"]]
+        assert b["tokens_per_s"] == pytest.approx(b["generated_tokens"] / b["wall_time_s"])
+    assert rounds["fluid"]["tpf"] > 1.5 and rounds["fluid"]["tokens"] == rounds["ar"]["tokens"]
+    with pytest.raises(FluidConfigError, match="interleave: must be a number of prompts >= 0"):
+        decode_all(dec, ids, settings, repeats=1, progress=False, interleave=-2)
+
+
 def test_evaluate_accuracy_is_scored_on_the_output(tmp_path, tiny_stage2, monkeypatch):
     """A scorer that accepts every output gives 1.0; the default one on a random model does not."""
     from fluid.eval import benchmarks

@@ -134,10 +134,13 @@ class BackboneSpec:
             return model
         path = self.resolved_path()
         try:
-            return AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=self.trust_remote_code,
                 attn_implementation=self.attn_implementation,
             )
         except OSError as e:
             raise FluidConfigError("backbone.path", f"cannot load a model from {path!r}: {str(e).splitlines()[0]}",
                                    "check the path, or pre-download the model when the hub is unreachable") from None
+        from fluid import exact
+
+        return exact.attach(model, path)  # an exact-mode stage-1 checkpoint: its gated adapter too

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 
 from fluid.backbones.tokens import noise_token_ids, num_embeddings, resolve_mask_token
 from fluid.checkpoint import CheckpointMeta
+from fluid.exact import LANE_ADAPTER_DIR, save_and_unload
 from fluid.lanes import AttentionBackend, LaneBatch
 from fluid.lanes.attention import attention_mask_for
 from fluid.modules.lanes import LaneModule
@@ -107,14 +108,22 @@ class HybridDiffusionModule(LaneModule):
         return out.parent / "adapter"
 
     def checkpoint_meta(self, out: Path) -> CheckpointMeta:
+        lanes = self.lora.scope == "lanes"
         return dataclasses.replace(super().checkpoint_meta(out), mask_token_id=self.mask_token_id,
                                    horizon=self.schedule.horizon, masking=self.masking_cfg,
-                                   adapter_dir=str(self._adapter_dir(out).resolve()) if self.lora.enabled else None)
+                                   adapter_dir=str(self._adapter_dir(out).resolve())
+                                   if self.lora.enabled and not lanes else None,
+                                   lane_adapter=LANE_ADAPTER_DIR if lanes else None)
 
     def export_hf(self, out_dir, **fields) -> Path:
-        """LoRA adapter beside a merged plain-HF checkpoint; ``self.model`` becomes the merged model."""
+        """LoRA adapter beside a merged plain-HF checkpoint; ``self.model`` becomes the merged model.
+        Exact mode (``lora.scope=lanes``): the original weights, unmerged, with the adapter and
+        the MASK offset in ``lane_adapter/`` inside it; ``self.model`` becomes the original model."""
         out = Path(out_dir)
-        if self.lora.enabled:
+        if self.lora.scope == "lanes":
+            out.mkdir(parents=True, exist_ok=True)
+            self.model = save_and_unload(self.model, out)
+        elif self.lora.enabled:
             self.model.save_pretrained(self._adapter_dir(out))
             self.model = merge(self.model)
         return super().export_hf(out, **fields)

@@ -1,4 +1,8 @@
-"""LoRA via peft: rank 16, alpha 32, all linear layers by default; the MASK row trainable."""
+"""LoRA via peft: rank 16, alpha 32, all linear layers by default; the MASK row trainable.
+
+``scope``: ``all`` (the update applies to every token; exported merged) or ``lanes`` (exact
+mode, :mod:`fluid.exact`: the update and a learned MASK embedding apply at MASK slots only, so
+main tokens run the original weights; exported unmerged)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,17 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
     train_mask_embedding: bool = True
+    scope: str = "all"  # all | lanes (exact mode)
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"stage.module.lora.scope: unknown {self.scope!r} ({' | '.join(SCOPES)})")
+        if self.scope == "lanes" and not self.enabled:
+            raise ValueError("stage.module.lora.scope=lanes needs stage.module.lora.enabled=true (exact mode gates "
+                             "a LoRA update; full fine-tuning changes the weights every token uses)")
+
+
+SCOPES = ("all", "lanes")
 
 
 def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int]):
@@ -23,12 +38,21 @@ def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int]):
         return model
     from peft import LoraConfig, get_peft_model
 
+    lanes = settings.scope == "lanes"
     cfg = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=settings.target_modules, task_type="CAUSAL_LM",
+        # exact mode learns the MASK embedding as a gated offset instead: a trained row of a tied
+        # embedding would also move that token's output logit
         trainable_token_indices=list(trainable_token_ids) if settings.train_mask_embedding and trainable_token_ids
-        else None,
+        and not lanes else None,
     )
+    if lanes:
+        from fluid.exact import apply_lanes_lora
+
+        if len(trainable_token_ids) != 1:
+            raise ValueError("lora.scope=lanes gates on exactly one MASK token id")
+        return apply_lanes_lora(model, cfg, trainable_token_ids[0], settings.train_mask_embedding)
     return get_peft_model(model, cfg)
 
 
