@@ -207,7 +207,7 @@ def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progre
                    dynamic_ncols=True)
     for k, start in enumerate(range(0, len(ids), chunk)):
         part, best = ids[start: start + chunk], {}
-        for r in range(repeats):
+        for _ in range(repeats):
             for name in names[k % len(names):] + names[: k % len(names)]:
                 out = dec.generate(part, **_fields(settings[name]))
                 if name in best and out["tokens"] != best[name]["tokens"]:
