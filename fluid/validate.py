@@ -85,6 +85,9 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.global_batch_size": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1 or null"),
     "data.max_length": int_at_least(2),
     "data.num_workers": int_at_least(0),
+    "data.responses": ((lambda v: v is None or v in ("gold", "self")), "must be gold or self"),
+    "data.self_responses.max_new_tokens": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1"),
+    "data.self_responses.batch_size": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1"),
 }
 LORA_RULES = {
     "stage.module.lora.r": int_at_least(1),

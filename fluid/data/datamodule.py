@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import lightning as L
@@ -9,7 +10,13 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from fluid.data.sft import PromptDataset, SFTDataset, collate_prompts, collate_sft
+from fluid.data.selfdistill import SelfResponses, self_responses
+from fluid.data.sft import PromptDataset, SFTDataset, _encoded, collate_prompts, collate_sft, encode_prompt
+from fluid.utils.errors import FluidConfigError
+
+RESPONSES = ("gold", "self")
+
+log = logging.getLogger(__name__)
 
 
 class ResumableSampler(DistributedSampler):
@@ -49,8 +56,14 @@ class ResumableSampler(DistributedSampler):
 class SFTDataModule(L.LightningDataModule):
     def __init__(self, source, tokenizer, batch_size: int = 32, eval_batch_size: int = 64,
                  max_length: int = 512, num_workers: int = 0, name: str = "data", seed: int = 0,
-                 global_batch_size: int | None = None):  # resolved into batch_size by fluid.train
+                 global_batch_size: int | None = None,  # resolved into batch_size by fluid.train
+                 responses: str = "gold", self_responses: dict | None = None):
         super().__init__()
+        if responses not in RESPONSES:
+            raise FluidConfigError("data.responses", f"unknown {responses!r}", f"one of: {' | '.join(RESPONSES)}")
+        # gold: the dataset's reference answers; self: the backbone's own greedy responses (selfdistill.py)
+        self.responses = responses
+        self.self_settings = SelfResponses(**(self_responses or {}))
         self.seed = seed  # the training order: a function of (seed, epoch)
         self.name = name
         self.source, self.tokenizer = source, tokenizer
@@ -58,10 +71,37 @@ class SFTDataModule(L.LightningDataModule):
         self.max_length, self.num_workers = max_length, num_workers
         self.train_set = self.val_set = self.test_set = None
 
+    def prepare_data(self) -> None:
+        """``responses=self``: generate (or find cached) the greedy responses once, on one process."""
+        if self.responses == "self":
+            for split in ("train", "validation"):
+                self._self_encoded(split, self.source.examples(split))
+
+    def _self_encoded(self, split: str, examples: list[dict]) -> list:
+        tok = self.tokenizer
+        prompts = [encode_prompt(tok, ex["messages"]) for ex in examples]
+        rows = self_responses(self.self_settings, prompts, tok.eos_token_id, tok.pad_token_id,
+                              label=f"self-responses ({self.name} {split})")
+        kept = [(p, r["response_ids"]) for p, r in zip(prompts, rows)
+                if r["finished"] == "eos" or self.self_settings.keep_truncated]
+        if rows and not kept:
+            raise FluidConfigError("data.self_responses.max_new_tokens", f"all {len(rows)} {split} responses hit "
+                                   f"{self.self_settings.max_new_tokens} tokens without EOS",
+                                   "raise it, or set data.self_responses.keep_truncated=true")
+        if len(kept) < len(rows):
+            log.warning("%s %s: dropped %d of %d self-generated responses that hit max_new_tokens=%d without EOS",
+                        self.name, split, len(rows) - len(kept), len(rows), self.self_settings.max_new_tokens)
+        return [_encoded(tok, p, r) for p, r in kept]
+
+    def _sft(self, split: str) -> SFTDataset:
+        examples = self.source.examples(split)
+        encoded = self._self_encoded(split, examples) if self.responses == "self" else None
+        return SFTDataset(examples, self.tokenizer, self.max_length, encoded=encoded)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit", "validate"):
-            self.train_set = SFTDataset(self.source.examples("train"), self.tokenizer, self.max_length)
-            self.val_set = SFTDataset(self.source.examples("validation"), self.tokenizer, self.max_length)
+            self.train_set = self._sft("train")
+            self.val_set = self._sft("validation")
         if self.test_set is None and stage in (None, "test", "predict"):
             self.test_set = PromptDataset(self.source.examples("test"), self.tokenizer)
 

@@ -73,12 +73,15 @@ def encode_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
 
 
 class SFTDataset(Dataset):
-    """Pre-tokenised training examples. Over-long examples are dropped and counted, never cut."""
+    """Pre-tokenised training examples. Over-long examples are dropped and counted, never cut.
+    ``encoded``: the examples already as prompt + response ids (self-distilled responses)."""
 
-    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, encoded: Sequence[Encoded] | None = None):
         self.items: list[Encoded] = []
         self.dropped = 0
-        for enc in encode_chats(tokenizer, [ex["messages"] for ex in examples]):
+        if encoded is None:
+            encoded = encode_chats(tokenizer, [ex["messages"] for ex in examples])
+        for enc in encoded:
             if len(enc.input_ids) > max_length:
                 self.dropped += 1
                 continue
