@@ -180,7 +180,7 @@ def test_stage_defaults_are_the_embedded_recipe():
     s0, s1, s2 = (compose_cfg([f"stage={n}"], out) for n in (0, 1, 2))
     assert (s0.stage.max_steps, s0.stage.module.optim.lr, s0.data.batch_size) == (600, 2.0e-3, 32)
     assert (s1.stage.max_steps, s1.stage.module.optim.lr, s1.stage.module.lora.enabled,
-            s1.stage.module.loss.ar_weight, s1.data.batch_size, s1.masking.restore) == (300, 2.0e-3, False, 12.0, 16, "none")
+            s1.stage.module.loss.ar_weight, s1.data.batch_size, s1.masking.restore) == (360, 1.75e-3, False, 16.0, 16, "none")
     assert s2.stage.max_steps == 80 == s2.trainer.max_steps
     assert HydraConfig.get().runtime.choices.experiment == "tiny_stage2"
     long1 = compose_cfg(["stage=1", "experiment=tiny_stage1_long"], out)  # the previous defaults
@@ -193,6 +193,12 @@ def test_stage_defaults_are_the_embedded_recipe():
     # an experiment names its own recipe; the tiny one spells out the embedded stage 0
     assert compose_cfg(["experiment=arith_ar_prior"], out).stage.module.optim.lr == 2.0e-3
     assert compose_cfg(["experiment=smollm2_gsm8k_ar"], out).stage.module.optim.lr == 2.0e-5
+    s1 = compose_cfg(["experiment=smollm2_gsm8k_stage1", "data.responses=self", "stage.module.lora.scope=lanes"], out)
+    assert (s1.stage.id, s1.backbone.name, s1.data.name, s1.masking.horizon, s1.stage.module.lora.r) == \
+        (1, "smollm2_135m", "gsm8k", 16, 16)
+    assert s1.data.self_responses.model == s1.backbone.path  # stage 1 learns the backbone's responses
+    s2 = compose_cfg(["experiment=smollm2_gsm8k_stage2", "stage.init_checkpoint=/runs/s1/checkpoint"], out)
+    assert s2.stage.id == 2 and s2.data.self_responses.model == "/runs/s1/checkpoint"  # stage 2: the stage-1 model's
 
 
 def test_stages_read_no_backbone_settings():
