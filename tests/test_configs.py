@@ -37,10 +37,12 @@ def _extra(group: str, option: str, tmp_path: Path) -> list[str]:
     if group == "stage":  # the stage file's own values, without the tiny backbone's recipe on top
         stage = option
         extra += ["~experiment"]
-    if group == "experiment" and RECIPE.match(option):
-        m = RECIPE.match(option)
+    m = RECIPE.match(option) if group == "experiment" else None
+    if m and (CONF_DIR / "backbone" / f"{m['backbone']}.yaml").exists():  # a backbone's own stage recipe
         stage = m["stage"]
         extra += [f"stage={stage}", f"backbone={m['backbone']}"]
+    elif m:  # a recipe that chooses its stage and backbone itself (smollm2_gsm8k_stage1)
+        stage = m["stage"]
     if group == "experiment" and option.startswith("tiny_stage") and option.endswith("_long"):
         stage = option[len("tiny_stage")]  # the recipe names its stage itself (defaults: override /stage)
     if group == "tau":
