@@ -183,7 +183,7 @@ def test_stage_defaults_are_the_embedded_recipe():
     assert (s0.stage.max_steps, s0.stage.module.optim.lr, s0.data.batch_size) == (600, 2.0e-3, 32)
     assert (s1.stage.max_steps, s1.stage.module.optim.lr, s1.stage.module.lora.enabled,
             s1.stage.module.loss.ar_weight, s1.data.batch_size, s1.masking.restore) == (360, 1.75e-3, False, 16.0, 16, "none")
-    assert s2.stage.max_steps == 80 == s2.trainer.max_steps
+    assert s2.stage.max_steps == 160 == s2.trainer.max_steps
     assert HydraConfig.get().runtime.choices.experiment == "tiny_stage2"
     long1 = compose_cfg(["stage=1", "experiment=tiny_stage1_long"], out)  # the previous defaults
     assert (long1.stage.max_steps, long1.stage.module.optim.lr, long1.data.batch_size,
