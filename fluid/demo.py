@@ -289,8 +289,11 @@ def plot(rep: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=130)
     rows = rep["rows"]
     # the K-head and the best fixed horizon often coincide: the square is hollow so both show
-    styles = [("ar_prior", dict(marker="*", s=240, color="dimgray"), (-10, 10)),
-              ("ar_stage1", dict(marker="*", s=260, color="black"), (8, -14)),
+    # the two AR stars lie close together: the upper one is labelled above-left, the other below-right
+    above, below = (-10, 10), (8, -14)
+    prior_up = rows["ar_prior"].get("accuracy", 0) >= rows["ar_stage1"].get("accuracy", 0)
+    styles = [("ar_prior", dict(marker="*", s=240, color="dimgray"), above if prior_up else below),
+              ("ar_stage1", dict(marker="*", s=260, color="black"), below if prior_up else above),
               ("fluid", dict(marker="o", s=90, color="tab:blue"), (10, -16)),
               ("fluid_fixed_k", dict(marker="s", s=190, facecolors="none", edgecolors="tab:green", linewidths=2),
                (10, 8)),
