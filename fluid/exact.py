@@ -10,7 +10,8 @@ lane slot restored to a real token runs the original weights, as a drafted token
 verified at decode time.
 
 The gate is computed from the token ids by a hook on the input embedding, so nothing that calls
-the model has to pass it. The checkpoint keeps the original weights unmerged, with the adapter
+the model has to pass it. A MASK row that stage 1 added has an output the original lacks: the gate sets
+its logit to the lowest value, so no forward ever emits it. The checkpoint keeps the original weights unmerged, with the adapter
 and the MASK embedding in ``<checkpoint>/lane_adapter/``; :func:`attach` puts them back.
 """
 
@@ -29,9 +30,13 @@ ATTR = "fluid_lane_gate"  # the gate's name as a submodule of the Hugging Face m
 class LaneGate(nn.Module):
     """The per-token gate of a LoRA-injected model, and the MASK embedding offset it gates."""
 
-    def __init__(self, hidden_size: int, mask_token_id: int, train_mask_embedding: bool = True):
+    def __init__(self, hidden_size: int, mask_token_id: int, train_mask_embedding: bool = True,
+                 mask_added: bool = False):
         super().__init__()
         self.mask_token_id = int(mask_token_id)
+        # the MASK row was added by stage 1: the original model has no such output, so neither may
+        # the adapted one (its logit is set to the lowest value; the original vocabulary is untouched)
+        self.mask_added = bool(mask_added)
         self.mask_delta = nn.Parameter(torch.zeros(hidden_size), requires_grad=train_mask_embedding)
         self._gate: torch.Tensor | None = None
         self._handles: list = []
@@ -54,8 +59,14 @@ class LaneGate(nn.Module):
         if n == 0:
             self.remove()
             raise ValueError("lora.scope=lanes: the model has no LoRA layers to gate")
+        if self.mask_added:
+            self._handles.append(hf.get_output_embeddings().register_forward_hook(self._no_mask_output))
         setattr(hf, ATTR, self)
         return self
+
+    def _no_mask_output(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        idx = torch.tensor([self.mask_token_id], device=out.device)
+        return out.index_fill(-1, idx, torch.finfo(out.dtype).min)
 
     def _embed(self, module, args, kwargs, out: torch.Tensor) -> torch.Tensor:
         ids = args[0] if args else kwargs["input"]
@@ -86,14 +97,16 @@ class LaneGate(nn.Module):
         from safetensors.torch import save_file
 
         save_file({"mask_delta": self.mask_delta.detach().float().cpu().contiguous(),
-                   "mask_token_id": torch.tensor([self.mask_token_id])}, str(path))
+                   "mask_token_id": torch.tensor([self.mask_token_id]),
+                   "mask_added": torch.tensor([int(self.mask_added)])}, str(path))
 
     @classmethod
     def load(cls, path: Path) -> "LaneGate":
         from safetensors.torch import load_file
 
         t = load_file(str(path))
-        gate = cls(t["mask_delta"].numel(), int(t["mask_token_id"][0]), train_mask_embedding=False)
+        gate = cls(t["mask_delta"].numel(), int(t["mask_token_id"][0]), train_mask_embedding=False,
+                   mask_added=bool(t["mask_added"][0]) if "mask_added" in t else False)
         with torch.no_grad():
             gate.mask_delta.copy_(t["mask_delta"])
         return gate
@@ -104,13 +117,15 @@ def gate_of(model: nn.Module) -> LaneGate | None:
     return getattr(hf, ATTR, None)
 
 
-def apply_lanes_lora(model: nn.Module, peft_config, mask_token_id: int, train_mask_embedding: bool) -> nn.Module:
-    """``model`` wrapped with LoRA (``peft_config``) gated to MASK slots, plus the MASK offset."""
+def apply_lanes_lora(model: nn.Module, peft_config, mask_token_id: int, train_mask_embedding: bool,
+                     mask_added: bool = False) -> nn.Module:
+    """``model`` wrapped with LoRA (``peft_config``) gated to MASK slots, plus the MASK offset;
+    ``mask_added``: the MASK row is new (stage 1 added it), so its output is suppressed."""
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, peft_config)
     hf = peft_model.get_base_model()
-    gate = LaneGate(hf.config.get_text_config().hidden_size, mask_token_id, train_mask_embedding)
+    gate = LaneGate(hf.config.get_text_config().hidden_size, mask_token_id, train_mask_embedding, mask_added)
     gate.to(device=hf.get_input_embeddings().weight.device, dtype=hf.get_input_embeddings().weight.dtype)
     gate.install(peft_model)
     return peft_model

@@ -111,6 +111,7 @@ def test_main_tokens_are_the_original_model_before_and_after_training(original, 
                         position_ids=(b["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits
     torch.testing.assert_close(main1[..., :v][real], ref[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain[..., :v][real], ref[real], rtol=1e-5, atol=1e-5)
+    assert (plain[..., m.mask_token_id] == torch.finfo(plain.dtype).min).all()  # the added row is never emitted
     assert (lane1 - lane0).abs().max() > 1e-2  # while the lanes did learn
 
 

@@ -110,7 +110,6 @@ class DecodeBatch:
         drafted by the prefill itself instead of by a forward of its own. ``decoder`` replaces
         the model's transformer body (a ``torch.compile`` of it)."""
         self.model = model
-        self.mask_token_id = mask_token_id  # never a token to emit: its logit is masked out
         self.decoder, self.lm_head = decoder_and_lm_head(model)
         if decoder is not None:
             self.decoder = decoder
@@ -179,11 +178,7 @@ class DecodeBatch:
             self.holes = self.holes or not bool(new_valid.all())
         self.key_valid = torch.cat([self.key_valid, new_valid], dim=1)
         hidden = out.last_hidden_state
-        logits = self.lm_head(hidden[:, logits_from:]).float()
-        if self.mask_token_id is not None and self.mask_token_id < logits.shape[-1]:
-            # a MASK row added by stage 1 has an output column the original model lacks
-            logits[..., self.mask_token_id] = torch.finfo(logits.dtype).min
-        return logits, hidden
+        return self.lm_head(hidden[:, logits_from:]).float(), hidden
 
     def hide_tail(self, valid: torch.Tensor) -> None:
         """Set the visibility of the last ``valid.shape[1]`` cache entries (False: a hole)."""

@@ -65,9 +65,10 @@ class HybridDiffusionModule(LaneModule):
             return
         model = self.build_backbone(flex=self.uses_flex(self.backend))
         # the MASK id is decided here, once, and recorded in fluid.json for everything after stage 1
-        self.mask_token_id, _ = resolve_mask_token(self.tokenizer, model, self.spec.mask_token)
+        self.mask_token_id, added = resolve_mask_token(self.tokenizer, model, self.spec.mask_token)
         self.noise_ids = noise_token_ids(self.tokenizer, num_embeddings(model))
-        self.model = apply_lora(self.checkpoint_activations(model), self.lora, [self.mask_token_id]).train()
+        self.model = apply_lora(self.checkpoint_activations(model), self.lora, [self.mask_token_id],
+                                added_token_ids=[self.mask_token_id] if added else []).train()
 
     # ------------------------------------------------------------------ steps
     def expand(self, batch: dict, generator: torch.Generator) -> LaneBatch:

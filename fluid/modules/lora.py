@@ -30,8 +30,9 @@ class LoraSettings:
 SCOPES = ("all", "lanes")
 
 
-def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int]):
-    """Wrap ``model`` with LoRA adapters; ``trainable_token_ids`` rows of the embedding train too."""
+def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int], added_token_ids: list[int] = ()):
+    """Wrap ``model`` with LoRA adapters; ``trainable_token_ids`` rows of the embedding train too
+    (``added_token_ids``: those of them that stage 1 added to the vocabulary)."""
     if not settings.enabled:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -52,7 +53,8 @@ def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int]):
 
         if len(trainable_token_ids) != 1:
             raise ValueError("lora.scope=lanes gates on exactly one MASK token id")
-        return apply_lanes_lora(model, cfg, trainable_token_ids[0], settings.train_mask_embedding)
+        return apply_lanes_lora(model, cfg, trainable_token_ids[0], settings.train_mask_embedding,
+                                mask_added=trainable_token_ids[0] in set(added_token_ids))
     return get_peft_model(model, cfg)
 
 
