@@ -145,6 +145,14 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
             "batch_size": base.batch_size, "max_new_tokens": base.max_new_tokens}
     log.info("%s: %d samples, %s, checkpoint %s", bench.name, len(samples), bench.mode, cfg.checkpoint)
     metrics.update(meta)
+    reference = None
+    if cfg.get("reference"):  # checked before anything is decoded
+        if bench.mode != "generate":
+            raise FluidConfigError("reference", f"compares generated outputs; {bench.name} scores log-likelihoods")
+        from fluid.eval.reference import load_reference
+
+        reference = load_reference(cfg.reference, [s.id for s in samples],
+                                   [tok.decode(x, skip_special_tokens=False) for x in ids])
 
     if bench.mode == "loglikelihood":
         records, names = _loglikelihood(bench, fm, samples, ids, base.batch_size, metrics, cfg.progress)
@@ -161,6 +169,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
         correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
         for name, out in outs.items():
             metrics.update(summarise(name, out, correct[name], outs["ar"] if name != "ar" else None))
+        if reference is not None:
+            metrics.update(_compare_reference(fm, ids, outs, reference, base.batch_size, cfg.reference))
         records = _records(samples, ids, tok, outs, correct)
         names = list(outs)
         x_label, x_key = "tokens/s", "tokens_per_s"
@@ -179,6 +189,21 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     print(f"\n{title}\n{table}\n", flush=True)
     columns, rows = _sample_table(records, names)
     report.log_to_loggers(loggers, OmegaConf.to_container(cfg, resolve=True), metrics, columns, rows, plot)
+
+
+def _compare_reference(fm, ids, outs: dict, reference: list[list[int]], batch_size: int, ref_dir) -> dict:
+    """``<name>/identical_to_reference`` per setting and ``reference/argmax_agreement`` (fluid/eval/reference.py)."""
+    from fluid.eval.reference import argmax_agreement, identical_fraction
+
+    m: dict[str, Any] = {"reference/run_dir": str(Path(ref_dir).resolve())}
+    for name, out in outs.items():
+        m[f"{name}/identical_to_reference"] = identical_fraction(out["tokens"], reference)
+    pad = fm.tokenizer.pad_token_id if fm.tokenizer.pad_token_id is not None else 0
+    matched, total = argmax_agreement(fm.model, ids, reference, batch_size=min(8, batch_size), pad_id=pad)
+    m.update({"reference/argmax_agreement": matched / max(1, total), "reference/positions": total})
+    log.info("reference %s: argmax agreement %.4f over %d positions; identical %s", ref_dir, matched / max(1, total),
+             total, {n: round(m[f"{n}/identical_to_reference"], 4) for n in outs})
+    return m
 
 
 def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progress: bool,
@@ -249,7 +274,7 @@ def _records(samples, ids, tok, outs: dict, correct: dict) -> list[dict]:
         for name, out in outs.items():
             st = out["rows"][i]
             r[name] = {"output": out["texts"][i], "correct": None if correct is None else correct[name][i],
-                       "tokens": len(st.tokens), "nfe": st.nfe, "tpf": len(st.tokens) / max(1, st.nfe)}
+                       "ids": list(out["tokens"][i]), "tokens": len(st.tokens), "nfe": st.nfe, "tpf": len(st.tokens) / max(1, st.nfe)}
             if name != "ar":
                 r[name]["identical_to_ar"] = out["tokens"][i] == outs["ar"]["tokens"][i]
         records.append(r)

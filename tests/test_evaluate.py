@@ -385,3 +385,36 @@ def test_evaluate_math500_humaneval_and_mmlu_generate(tmp_path, tiny_stage2):
         assert m["status"] == "completed" and m["mode"] == "generate" and len(rows) == m["n_samples"] == 2, name
         assert m["fluid/identical_to_ar"] == 1.0 and m["fluid/accuracy"] == m["ar/accuracy"], name
         assert all(isinstance(r["ar"]["correct"], bool) for r in rows), name
+
+
+def test_reference_identical_and_argmax_agreement(tmp_path, drafting_stage2, tiny_stage2):
+    """reference=RUN: a model compared with its own greedy outputs agrees everywhere; another model
+    agrees exactly as often as its one-row teacher-forced argmax says."""
+    from fluid.checkpoint import load_fluid
+
+    common = ["benchmark=arith", "limit=5", "decode.max_new_tokens=10", "decode.batch_size=2", "warmup=0"]
+    run_eval(tmp_path / "ref", common + [f"checkpoint={drafting_stage2}", "settings={}"])
+    ref = [r["ar"]["ids"] for r in read_samples(tmp_path / "ref")]
+    assert all(len(x) > 0 for x in ref)
+    same = run_eval(tmp_path / "same", common + [f"checkpoint={drafting_stage2}", f"reference={tmp_path / 'ref'}"])
+    assert same["reference/argmax_agreement"] == 1.0 and same["reference/positions"] == sum(map(len, ref))
+    assert same["ar/identical_to_reference"] == same["fluid/identical_to_reference"] == 1.0
+
+    other = run_eval(tmp_path / "other", common + [f"checkpoint={tiny_stage2}", f"reference={tmp_path / 'ref'}"])
+    fm = load_fluid(tiny_stage2)
+    rows = read_samples(tmp_path / "other")
+    matched = 0
+    with torch.no_grad():
+        for r, toks in zip(rows, ref):
+            p = fm.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+            logits = fm.model(torch.tensor([p + toks])).logits[0]
+            matched += int((logits[len(p) - 1: -1].argmax(-1) == torch.tensor(toks)).sum())
+    assert other["reference/argmax_agreement"] == pytest.approx(matched / sum(map(len, ref)))
+    assert other["reference/argmax_agreement"] < 1.0
+    assert other["ar/identical_to_reference"] == sum(r["ar"]["ids"] == t for r, t in zip(rows, ref)) / 5
+
+    with pytest.raises(FluidConfigError, match="reference: sample .* is not in"):
+        run_eval(tmp_path / "more", ["benchmark=arith", "limit=7", f"checkpoint={tiny_stage2}",
+                                     f"reference={tmp_path / 'ref'}"])
+    with pytest.raises(FluidConfigError, match="reference: .* not found"):
+        run_eval(tmp_path / "none", common + [f"checkpoint={tiny_stage2}", f"reference={tmp_path / 'nope'}"])
