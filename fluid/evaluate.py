@@ -34,7 +34,7 @@ def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool) -> dic
     """``settings`` (name -> DecodeConfig overrides on top of ``decode``), each also at every
     value of ``confidences`` (``<name>_c<value>``); checked before anything is decoded."""
     raw = OmegaConf.to_container(cfg.settings, resolve=True) if cfg.get("settings") else {}
-    if not raw:  # settings={}: AR greedy alone (a plain or stage-0 model's accuracy and speed)
+    if not raw:  # settings=null: AR greedy alone (a plain or stage-0 model's accuracy and speed)
         return {}
     shared = sorted(f for f in ("algorithm", "batch_size", "max_new_tokens", "compile") if f in DECODE_FIELDS)
     confidences = list(cfg.get("confidences") or [])

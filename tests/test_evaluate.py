@@ -393,7 +393,7 @@ def test_reference_identical_and_argmax_agreement(tmp_path, drafting_stage2, tin
     from fluid.checkpoint import load_fluid
 
     common = ["benchmark=arith", "limit=5", "decode.max_new_tokens=10", "decode.batch_size=2", "warmup=0"]
-    run_eval(tmp_path / "ref", common + [f"checkpoint={drafting_stage2}", "settings={}"])
+    run_eval(tmp_path / "ref", common + [f"checkpoint={drafting_stage2}", "settings=null"])
     ref = [r["ar"]["ids"] for r in read_samples(tmp_path / "ref")]
     assert all(len(x) > 0 for x in ref)
     same = run_eval(tmp_path / "same", common + [f"checkpoint={drafting_stage2}", f"reference={tmp_path / 'ref'}"])

@@ -1,7 +1,7 @@
 """Comparison with a reference model's greedy outputs (``python -m fluid.evaluate reference=RUN``).
 
 ``RUN`` is an earlier evaluation's run directory on the same benchmark and prompts (usually the
-original checkpoint's, ``settings={}``); its ``samples.jsonl`` holds each prompt's ``ar`` token ids.
+original checkpoint's, ``settings=null``); its ``samples.jsonl`` holds each prompt's ``ar`` token ids.
 Two measures of how far an adapted model moved from it:
 
 - identical to reference: the fraction of prompts on which a setting's output tokens equal the
