@@ -32,3 +32,18 @@ def test_bench_train_runs_on_cpu(tmp_path, cache_dir):
         cases["causal"]["tokens_per_s"] / cases["dense"]["tokens_per_s"])
     assert report["config"]["batch_size"] == 2 and report["config"]["steps"] == 1 and report["config"]["hidden"] == 64
     assert "tokens/s" in r.stdout
+
+
+def test_bench_forward_writes_the_cost_curve(tmp_path, tiny_checkpoint):
+    out = tmp_path / "forward.json"
+    cmd = [sys.executable, "scripts/bench_forward.py", "--checkpoint", str(tiny_checkpoint), "--batch", "1", "3",
+           "--tokens", "1", "4", "--cache", "8", "--repeats", "2", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["batch"], x["tokens"]) for x in rows] == [(1, 1), (1, 4), (3, 1), (3, 4)]
+    assert all(x["min_ms"] <= x["median_ms"] for x in rows)
+    assert rows[0]["relative"] == rows[2]["relative"] == 1.0 and rows[1]["relative"] > 0
+    bad = subprocess.run([sys.executable, "scripts/bench_forward.py", "--checkpoint", str(tiny_checkpoint),
+                          "--tokens", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
