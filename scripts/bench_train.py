@@ -14,12 +14,20 @@ recipe says; ``--finetune lora`` for LoRA r=16 as on the real backbones):
                 with the module's default frozen forward for the device (``prefix`` on CPU:
                 a causal forward, then each lane over its row's KV cache; ``expanded`` on CUDA)
   (f) khead_expanded : the same step with the frozen forward over the expanded batch
+  (g) two_pass : exact mode's training step (``--finetune exact``: LoRA gated to MASK slots,
+                ``lora.scope=lanes``): the main tokens in a no-grad forward, then the slots after
+                their cache (``two_pass_lane_losses``); ``dense`` is then the same model's expanded step
+
+``--backbone NAME`` takes a configured backbone (conf/backbone/NAME.yaml, its weights and
+tokenizer) instead of the scratch Llama, on synthetic rows of ``--seq-len`` tokens.
 
 Each case runs in its own subprocess so that peak memory is its own (CUDA: max allocated;
 CPU: peak RSS growth over the loaded model). Prints a table, writes JSON.
 
   python scripts/bench_train.py --out outputs/bench/train.json
   python scripts/bench_train.py --out bench.json --device cuda --seq-len 1000 --batch-size 2
+  python scripts/bench_train.py --out outputs/bench/train_exact.json --backbone smollm2_135m --finetune exact \
+      --seq-len 280 --batch-size 2 --max-expanded-len 512 --cases dense,two_pass
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CASES = ["dense", "flex", "ref", "causal", "khead", "khead_expanded"]
+CASES = ["dense", "flex", "ref", "causal", "khead", "khead_expanded", "two_pass"]
 
 
 def build(args):
@@ -53,19 +61,28 @@ def build(args):
     torch.manual_seed(0)
     from fluid.config import default_path
 
-    cache = default_path("cache_dir")
-    tok = build_arith_tokenizer(cache)
-    scratch = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                   num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 48),
-                   max_position_embeddings=max(4096, 2 * args.seq_len), tie_word_embeddings=True)
-    spec = BackboneSpec(name="bench", scratch=scratch, dtype=args.dtype, mask_token="<|mask|>")
-    model = spec.build_model(from_scratch=True, vocab_size=len(tok)).to(args.device)
+    if args.backbone:
+        from fluid.utils.compose import compose
+
+        spec = BackboneSpec.from_config(compose("train", [f"backbone={args.backbone}"]).backbone)
+        if args.dtype != "auto":
+            spec.dtype = args.dtype
+        tok = spec.load_tokenizer()
+        model = spec.build_model().to(args.device)
+    else:
+        tok = build_arith_tokenizer(default_path("cache_dir"))
+        scratch = dict(model_type="llama", hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                       num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 48),
+                       max_position_embeddings=max(4096, 2 * args.seq_len), tie_word_embeddings=True)
+        spec = BackboneSpec(name="bench", scratch=scratch, dtype=args.dtype, mask_token="<|mask|>")
+        model = spec.build_model(from_scratch=True, vocab_size=len(tok)).to(args.device)
     mask_id, _ = resolve_mask_token(tok, model, spec.mask_token)
-    if args.finetune == "lora":
-        model = apply_lora(model, LoraSettings(), [mask_id])
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if args.finetune != "full":
+        model = apply_lora(model, LoraSettings(scope="lanes" if args.finetune == "exact" else "all"), [mask_id])
     if args.seq_len:
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(10, len(tok), (args.batch_size, args.seq_len), generator=g)
+        ids = torch.randint(10, min(len(tok), vocab) - 1, (args.batch_size, args.seq_len), generator=g)
         labels = torch.full_like(ids, IGNORE)
         prompt = args.seq_len // 5
         labels[:, prompt - 1: -1] = ids[:, prompt:]
@@ -74,8 +91,9 @@ def build(args):
         ds = SFTDataset(ArithTask(seed=0).examples("train", args.batch_size), tok, 512)
         batch = collate_sft([ds[i] for i in range(args.batch_size)], tok.pad_token_id)
     lb = expand_lanes(batch["input_ids"], batch["labels"], batch["attention_mask"], FluidSchedule(),
-                      mask_token_id=mask_id, noise_token_ids=noise_token_ids(tok, len(tok)),
+                      mask_token_id=mask_id, noise_token_ids=noise_token_ids(tok, vocab),
                       pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                      max_expanded_len=args.max_expanded_len or None,
                       pad_to_multiple=FLEX_BLOCK_SIZE if args.device == "cuda" else 1)  # whole flex tiles
     return model, lb.to(args.device), batch, mask_id, tok.pad_token_id
 
@@ -142,11 +160,17 @@ def khead_step(base, head, opt, lb, batch, mask_id, lane_forward, tau=2.8):
     opt.zero_grad(set_to_none=True)
 
 
-def step(model, opt, case, lb):
+def step(model, opt, case, lb, pad_id):
     from fluid.lanes.attention import block_mask, dense_float_mask
-    from fluid.modules.hybrid import combine, lane_losses
+    from fluid.modules.hybrid import combine, lane_losses, two_pass_lane_losses
 
     dtype = next(model.parameters()).dtype
+    if case == "two_pass":
+        loss = combine(two_pass_lane_losses(model, lb, pad_id))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return
     if case == "causal":
         pos = torch.arange(lb.length, device=lb.input_ids.device).expand_as(lb.input_ids)
         logits = model(input_ids=lb.input_ids, position_ids=pos, use_cache=False).logits
@@ -183,9 +207,12 @@ def run_case(case, args, queue):
                 queue.put({"case": case, "skipped": "flex attention training needs CUDA"})
                 return
             model.config._attn_implementation = "flex_attention"
+        if case == "two_pass" and args.finetune != "exact":
+            queue.put({"case": case, "skipped": "the two-pass step is exact mode's (--finetune exact)"})
+            return
         if not case.startswith("khead"):
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            run = lambda: step(model, opt, case, lb)  # noqa: E731
+            run = lambda: step(model, opt, case, lb, pad_id)  # noqa: E731
         for _ in range(args.warmup):
             run()
         cuda = args.device == "cuda"
@@ -220,8 +247,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=0, help="synthetic rows of this length (0: arith examples)")
     p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--finetune", choices=["full", "lora"], default=default_finetune(),
-                   help="how stage 1 trains (default: the embedded backbone's stage-1 setting)")
+    p.add_argument("--finetune", choices=["full", "lora", "exact"], default=default_finetune(),
+                   help="how stage 1 trains (default: the embedded backbone's stage-1 setting; exact: LoRA "
+                        "gated to MASK slots, lora.scope=lanes)")
+    p.add_argument("--backbone", default="", help="a configured backbone (conf/backbone) instead of the scratch Llama")
+    p.add_argument("--max-expanded-len", type=int, default=0, help="per-row lane budget (0: none)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -247,6 +277,8 @@ def main(argv=None):
         summary["stage2_vs_stage1_step_time"] = ok["khead"]["step_s"] / ok["dense"]["step_s"]
     if "khead_expanded" in ok and "dense" in ok:
         summary["stage2_expanded_vs_stage1_step_time"] = ok["khead_expanded"]["step_s"] / ok["dense"]["step_s"]
+    if "two_pass" in ok and "dense" in ok:
+        summary["two_pass_speedup_vs_dense"] = ok["dense"]["step_s"] / ok["two_pass"]["step_s"]
     if "flex" in ok and "ref" in ok:
         summary["flex_speedup_vs_ref"] = ok["flex"]["tokens_per_s"] / ok["ref"]["tokens_per_s"]
         summary["flex_mem_ratio_vs_ref"] = ok["flex"]["peak_mem_mb"] / max(1e-9, ok["ref"]["peak_mem_mb"])

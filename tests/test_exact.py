@@ -115,6 +115,43 @@ def test_main_tokens_are_the_original_model_before_and_after_training(original, 
     assert (lane1 - lane0).abs().max() > 1e-2  # while the lanes did learn
 
 
+def test_two_pass_training_step_has_the_expanded_forwards_losses_and_gradients(original):
+    """Exact mode trains with the main tokens in a no-grad forward and the slots after its cache
+    (``lane_parts``); its losses and every gradient are those of the one expanded forward."""
+    m = module(original)
+    m.schedule = instantiate_schedule(restore="uniform", noise_prob=0.3)  # restored and noised slots too
+    b = batch(m.tokenizer, n=3)
+    train_step(m, b, seed=7)  # LoRA B is zero at init: make every gradient non-trivial first
+    assert m.two_pass()
+    params = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
+
+    def grads(parts):
+        m.model.zero_grad()
+        combine(parts).backward()
+        return [p.grad.clone() for _, p in params]
+
+    lb = m.expand(b, torch.Generator().manual_seed(3))
+    ref = lane_losses(m.forward_lanes(lb), lb)
+    g_ref = grads(ref)
+    got = m.lane_parts(lb)
+    g_got = grads(got)
+    assert int(got["diff_n"]) == int(ref["diff_n"]) > 0 and int(got["ar_n"]) == int(ref["ar_n"]) > 0
+    assert bool(lb.restored[lb.valid & ~lb.is_main].any())
+    for key in ("ar_sum", "diff_sum"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-4)
+    for (name, _), a, r in zip(params, g_got, g_ref):
+        assert r.abs().sum() > 0, name
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6, msg=name)
+    m.backend = type(m.backend)("flex")  # the flex path keeps the single expanded forward
+    assert not m.two_pass()
+
+
+def instantiate_schedule(**overrides):
+    from hydra.utils import instantiate
+
+    return instantiate({**MASKING, **overrides})
+
+
 def test_export_keeps_the_original_weights_and_reload_restores_the_lanes(original, tmp_path):
     m = module(original)
     b = batch(m.tokenizer)

@@ -34,6 +34,22 @@ def test_bench_train_runs_on_cpu(tmp_path, cache_dir):
     assert "tokens/s" in r.stdout
 
 
+def test_bench_train_times_exact_modes_two_pass_step(tmp_path, cache_dir):
+    out = tmp_path / "exact.json"
+    cmd = [sys.executable, "scripts/bench_train.py", "--out", str(out), "--batch-size", "2", "--steps", "1",
+           "--warmup", "0", "--hidden", "64", "--layers", "1", "--finetune", "exact", "--seq-len", "40",
+           "--max-expanded-len", "64", "--cases", "dense,two_pass"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "FLUID_CACHE": str(cache_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cases = report["cases"]
+    assert cases["two_pass"]["tokens_per_s"] > 0 and cases["dense"]["tokens_per_s"] > 0, cases
+    assert cases["two_pass"]["expanded_len"] == cases["dense"]["expanded_len"] <= 64
+    assert report["summary"]["two_pass_speedup_vs_dense"] == pytest.approx(
+        cases["dense"]["step_s"] / cases["two_pass"]["step_s"])
+
+
 def test_bench_forward_writes_the_cost_curve(tmp_path, tiny_checkpoint):
     out = tmp_path / "forward.json"
     cmd = [sys.executable, "scripts/bench_forward.py", "--checkpoint", str(tiny_checkpoint), "--batch", "1", "3",

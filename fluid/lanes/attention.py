@@ -72,3 +72,36 @@ def attention_mask_for(batch: LaneBatch, backend: AttentionBackend, dtype: torch
     if backend is AttentionBackend.FLEX:
         return block_mask(batch)
     return dense_float_mask(batch, dtype)
+
+
+def _first(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the indices of ``mask``'s True entries in order, padded to ``width``, and which are real."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    return order, torch.gather(mask, 1, order)
+
+
+def split_main_slots(batch: LaneBatch) -> dict[str, torch.Tensor]:
+    """The expanded batch as two forwards that together give the same slot outputs: the main tokens
+    alone (plain causal, the original sequence), then every lane slot after their cache.
+
+    Returns ``main_idx``/``main_ok`` (B, M) and ``slot_idx``/``slot_ok`` (B, S): expanded indices of the
+    main tokens and slots in order, padded; ``main_allowed`` (B, M, M) and ``slot_allowed`` (B, S, M+S):
+    the rule of :func:`dense_allowed` restricted to those queries and keys (padding queries see
+    themselves, so no row is fully blocked). A main token's output never depends on a slot, so the
+    first forward needs nothing of the second."""
+    is_slot = batch.valid & ~batch.is_main
+    m, s = int(batch.is_main.sum(1).max()), max(1, int(is_slot.sum(1).max()))
+    main_idx, main_ok = _first(batch.is_main, m)
+    slot_idx, slot_ok = _first(is_slot, s)
+    allowed = dense_allowed(batch)
+    cols = torch.cat([main_idx, slot_idx], 1)
+    col_ok = torch.cat([main_ok, slot_ok], 1)
+    rows = torch.arange(batch.input_ids.shape[0], device=cols.device)[:, None, None]
+    main_allowed = allowed[rows, main_idx[:, :, None], main_idx[:, None, :]] & main_ok[:, None, :] & main_ok[:, :, None]
+    slot_allowed = allowed[rows, slot_idx[:, :, None], cols[:, None, :]] & col_ok[:, None, :] & slot_ok[:, :, None]
+    eye_m = torch.eye(m, dtype=torch.bool, device=cols.device)[None]
+    eye_s = torch.eye(s, dtype=torch.bool, device=cols.device)[None]
+    main_allowed |= eye_m & ~main_ok[:, :, None]
+    slot_allowed[:, :, m:] |= eye_s & ~slot_ok[:, :, None]
+    return {"main_idx": main_idx, "main_ok": main_ok, "slot_idx": slot_idx, "slot_ok": slot_ok,
+            "main_allowed": main_allowed, "slot_allowed": slot_allowed}

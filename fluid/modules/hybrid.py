@@ -17,10 +17,10 @@ from fluid.backbones.tokens import noise_token_ids, num_embeddings, resolve_mask
 from fluid.checkpoint import CheckpointMeta
 from fluid.exact import LANE_ADAPTER_DIR, save_and_unload
 from fluid.lanes import AttentionBackend, LaneBatch
-from fluid.lanes.attention import attention_mask_for
+from fluid.lanes.attention import attention_mask_for, split_main_slots
 from fluid.modules.lanes import LaneModule
 from fluid.modules.lora import LoraSettings, apply_lora, merge
-from fluid.nn import IGNORE, token_ce
+from fluid.nn import IGNORE, decoder_and_lm_head, to_float_mask, token_ce
 
 
 def lane_losses(logits: torch.Tensor, lb: LaneBatch) -> dict[str, torch.Tensor]:
@@ -29,6 +29,36 @@ def lane_losses(logits: torch.Tensor, lb: LaneBatch) -> dict[str, torch.Tensor]:
     has = lb.targets != IGNORE
     ar, diff = has & lb.is_main, has & ~lb.is_main
     return {"ar_sum": ce[ar].sum(), "ar_n": ar.sum(), "diff_sum": ce[diff].sum(), "diff_n": diff.sum()}
+
+
+def two_pass_lane_losses(model, lb: LaneBatch, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """:func:`lane_losses` of an exact-mode model (``lora.scope=lanes``) in two forwards: the main
+    tokens alone without autograd, then the lane slots after their cache (their outputs and gradients
+    are the expanded forward's, since no main-token output depends on a trained parameter); the LM
+    head runs only where there is a target. Dense attention masks (SDPA/eager)."""
+    from transformers import DynamicCache
+
+    sp = split_main_slots(lb)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, lm_head = decoder_and_lm_head(hf)
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache()
+
+    def run(kind: str):
+        idx, ok = sp[f"{kind}_idx"], sp[f"{kind}_ok"]
+        ids = torch.gather(lb.input_ids, 1, idx).masked_fill(~ok, pad_token_id)
+        targets = torch.gather(lb.targets, 1, idx).masked_fill(~ok, IGNORE)
+        h = decoder(input_ids=ids, attention_mask=to_float_mask(sp[f"{kind}_allowed"], dtype),
+                    position_ids=torch.gather(lb.position_ids, 1, idx), past_key_values=cache,
+                    use_cache=True).last_hidden_state
+        keep = targets != IGNORE
+        ce = torch.nn.functional.cross_entropy(lm_head(h[keep]).float(), targets[keep], reduction="sum")
+        return ce, keep.sum()
+
+    with torch.no_grad():
+        ar_sum, ar_n = run("main")
+    diff_sum, diff_n = run("slot")
+    return {"ar_sum": ar_sum, "ar_n": ar_n, "diff_sum": diff_sum, "diff_n": diff_n}
 
 
 def combine(parts: dict[str, torch.Tensor], w_ar: float = 1.0, w_diff: float = 1.0, joint: bool = True):
@@ -82,9 +112,24 @@ class HybridDiffusionModule(LaneModule):
         return self.model(input_ids=lb.input_ids, attention_mask=mask, position_ids=lb.position_ids,
                           use_cache=False).logits
 
+    def two_pass(self) -> bool:
+        """Exact mode on the dense path: main tokens run the original weights and never see a slot, so
+        their outputs do not depend on any trained parameter. They go through one forward without
+        autograd and only the slots, after its cache, through backward (same losses and gradients as
+        the expanded forward, for about the slots' share of its cost). Gradient checkpointing and
+        flex attention keep the single expanded forward."""
+        return (self.lora.enabled and self.lora.scope == "lanes" and not self.gradient_checkpointing
+                and self.backend.resolve(self.device) is AttentionBackend.DENSE)
+
+    def lane_parts(self, lb: LaneBatch) -> dict[str, torch.Tensor]:
+        """:func:`lane_losses` of ``lb``, by the cheapest exact route (:meth:`two_pass`)."""
+        if self.two_pass():
+            return two_pass_lane_losses(self.model, lb, self.tokenizer.pad_token_id)
+        return lane_losses(self.forward_lanes(lb), lb)
+
     def _step(self, batch: dict, generator: torch.Generator, prefix: str) -> torch.Tensor:
         lb = self.expand(batch, generator)
-        parts = lane_losses(self.forward_lanes(lb), lb)
+        parts = self.lane_parts(lb)
         loss = combine(parts, self.w_ar, self.w_diff, self.joint)
         bs = batch["input_ids"].shape[0]
         sync = prefix == "val"
