@@ -274,7 +274,8 @@ def _records(samples, ids, tok, outs: dict, correct: dict) -> list[dict]:
         for name, out in outs.items():
             st = out["rows"][i]
             r[name] = {"output": out["texts"][i], "correct": None if correct is None else correct[name][i],
-                       "ids": list(out["tokens"][i]), "tokens": len(st.tokens), "nfe": st.nfe, "tpf": len(st.tokens) / max(1, st.nfe)}
+                       "ids": list(out["tokens"][i]), "tokens": len(st.tokens), "nfe": st.nfe,
+                       "tpf": len(st.tokens) / max(1, st.nfe)}
             if name != "ar":
                 r[name]["identical_to_ar"] = out["tokens"][i] == outs["ar"]["tokens"][i]
         records.append(r)
