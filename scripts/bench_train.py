@@ -166,14 +166,10 @@ def step(model, opt, case, lb, pad_id):
 
     dtype = next(model.parameters()).dtype
     if case == "two_pass":
-        loss = combine(two_pass_lane_losses(model, lb, pad_id))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return
-    if case == "causal":
+        parts = two_pass_lane_losses(model, lb, pad_id)
+    elif case == "causal":
         pos = torch.arange(lb.length, device=lb.input_ids.device).expand_as(lb.input_ids)
-        logits = model(input_ids=lb.input_ids, position_ids=pos, use_cache=False).logits
+        parts = lane_losses(model(input_ids=lb.input_ids, position_ids=pos, use_cache=False).logits, lb)
     else:
         if case == "dense":
             mask = dense_float_mask(lb, dtype)
@@ -183,7 +179,8 @@ def step(model, opt, case, lb, pad_id):
             mask = reference_mask(lb)
         logits = model(input_ids=lb.input_ids, attention_mask=mask, position_ids=lb.position_ids,
                        use_cache=False).logits
-    loss = combine(lane_losses(logits, lb))
+        parts = lane_losses(logits, lb)
+    loss = combine(parts)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
