@@ -80,6 +80,10 @@ TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage.module.loss.reduction": one_of("joint", "separate"),
     "stage.module.loss.ar_weight": number_in(0, INF, hi_open=True),
     "stage.module.loss.diff_weight": number_in(0, INF, hi_open=True),
+    "stage.module.loss.lane_target": one_of("token", "teacher"),
+    "stage.module.loss.teacher_weight": number_in(0, 1),
+    "stage.module.loss.teacher_topk": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1 or null"),
+    "stage.module.loss.depth_decay": ((lambda v: v is None or (_is_num(v) and v > 0)), "must be a number > 0 or null"),
     "data.batch_size": int_at_least(1),
     "data.eval_batch_size": int_at_least(1),
     "data.global_batch_size": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1 or null"),
@@ -188,6 +192,11 @@ def validate_train(cfg: DictConfig) -> None:
     elif OmegaConf.select(cfg, "stage.module.lora.scope", default="all") == "lanes":
         raise FluidConfigError("stage.module.lora.scope", "lanes (exact mode) gates a LoRA update, but "
                                "stage.module.lora.enabled is false", "set stage.module.lora.enabled=true")
+    if (OmegaConf.select(cfg, "stage.module.loss.lane_target", default="token") == "teacher"
+            and not (OmegaConf.select(cfg, "stage.module.lora.enabled", default=False)
+                     and OmegaConf.select(cfg, "stage.module.lora.scope", default="all") == "lanes")):
+        raise FluidConfigError("stage.module.loss.lane_target", "teacher needs exact mode, where the main tokens' "
+                               "logits are the original model's", "add stage.module.lora.scope=lanes")
     for group in cfg.stage.get("consumes", []) or []:
         check_rules(cfg, GROUP_RULES.get(group, {}))
     check_devices(cfg)
