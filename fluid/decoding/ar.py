@@ -21,7 +21,7 @@ from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule
 ONE_PROMPT_AT_A_TIME = False
 
 
-def prefill_lane(cfg: DecodeConfig, n_rows: int) -> int:
+def prefill_lane(cfg: DecodeConfig, n_rows: int, mask_id: int | None = None) -> int:
     return 0
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 ALGORITHMS = ("fluid", "ar", "published")
 HORIZONS = ("head", "fixed", "oracle")
+WINDOWS = ("block", "cost")
 
 
 @dataclass
@@ -36,6 +37,18 @@ class DecodeConfig:
     # torch.compile the transformer body (dynamic shapes) for every algorithm alike: faster
     # forwards once compiled (tens of seconds on first use), same tokens
     compile: bool = False
+    # block: the method's blocks (a horizon from `horizon`, drafted by lanes) | cost: per row and
+    # forward, the drafts and lane slots that maximise expected committed tokens per unit of forward
+    # cost (fluid/decoding/costwin.py; `horizon` is not used)
+    window: str = "block"
+    cost_curve: list[float] | None = None  # window=cost: relative cost of 1, 2, ... tokens (None: measured)
+    # n-gram drafts (window=cost): the continuation of the latest earlier occurrence, in the prompt
+    # and the text so far, of the last ngram_min..ngram_max tokens; with no MASK token (a plain
+    # checkpoint) this is the whole draft source: training-free
+    ngram: bool = False
+    ngram_min: int = 1
+    ngram_max: int = 3
+    ngram_draft: int = 10           # at most this many drafted tokens per lookup
 
     @property
     def fill_threshold(self) -> float:
@@ -53,6 +66,16 @@ class DecodeConfig:
         lane = min(self.lane_len or self.k_max - 1, k_cap - 1) if self.share_verify_draft else 0
         return k_cap, lane
 
+    @property
+    def needs_head(self) -> bool:
+        """Whether these settings read a K-head (horizon=head in the method's block windows)."""
+        return self.algorithm == "fluid" and self.window == "block" and self.horizon == "head"
+
+    @property
+    def needs_mask(self) -> bool:
+        """Whether these settings need a MASK token (every FLUID setting but n-gram drafting)."""
+        return self.algorithm != "ar" and not (self.window == "cost" and self.ngram)
+
     def validate(self) -> "DecodeConfig":
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"decode.algorithm: unknown {self.algorithm!r} ({' | '.join(ALGORITHMS)})")
@@ -65,8 +88,18 @@ class DecodeConfig:
             raise ValueError(f"decode.k_min/k_max: need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"decode.confidence must be in [0, 1] or null, got {self.confidence}")
-        if self.lane_len is not None and self.lane_len < 1:
-            raise ValueError(f"decode.lane_len must be >= 1 or null, got {self.lane_len}")
+        if self.lane_len is not None and (self.lane_len < 0 or (self.lane_len == 0 and self.window != "cost")):
+            raise ValueError(f"decode.lane_len must be >= 1 or null (0: no lane, with window=cost), got {self.lane_len}")
+        if self.window not in WINDOWS:
+            raise ValueError(f"decode.window: unknown {self.window!r} ({' | '.join(WINDOWS)})")
+        if self.ngram and self.window != "cost":
+            raise ValueError("decode.ngram=true drafts in cost-sized windows: add decode.window=cost")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"decode.ngram_min/ngram_max: need 1 <= min <= max, got {self.ngram_min}, {self.ngram_max}")
+        if self.ngram_draft < 1:
+            raise ValueError(f"decode.ngram_draft must be >= 1, got {self.ngram_draft}")
+        if self.cost_curve is not None and (len(self.cost_curve) < 1 or min(self.cost_curve) <= 0):
+            raise ValueError(f"decode.cost_curve must be a list of positive numbers or null, got {self.cost_curve}")
         if self.token_budget is not None and self.token_budget < 2:
             raise ValueError(f"decode.token_budget must be >= 2 or null, got {self.token_budget}")
         if self.max_new_tokens < 1:

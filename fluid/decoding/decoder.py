@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 
 from fluid.checkpoint import mask_token_id as resolve_mask_id
-from fluid.decoding import ar, fluid, published
+from fluid.decoding import ar, costwin, fluid, published
+from fluid.decoding.cost import ForwardCost
 from fluid.decoding.config import DecodeConfig
 from fluid.decoding.horizon import horizon_source
 from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule
@@ -38,6 +39,8 @@ class FluidDecoder:
         self.config = (config or DecodeConfig()).validate()
         self.stop_strings = list(stop_strings)
         self._compiled = None
+        self._costs: dict[tuple, ForwardCost] = {}       # window=cost: forward-cost curves, measured once
+        self._acceptance: dict[tuple, costwin.Acceptance] = {}  # and acceptance counted across calls
 
     def generate(self, prompts: Sequence[Sequence[int] | str], reference: Sequence[Sequence[int]] | None = None,
                  progress: str | None = None, **overrides) -> dict:
@@ -45,13 +48,14 @@ class FluidDecoder:
         ``overrides`` are :class:`DecodeConfig` fields for this call; ``progress``: a label, to
         show a progress bar (prompts done) under it on stderr."""
         cfg = replace(self.config, **overrides).validate() if overrides else self.config
-        if cfg.algorithm != "ar" and self.mask_id is None:
-            raise ValueError("the tokenizer has no mask token; pass mask_token_id (see the checkpoint's fluid.json)")
+        if cfg.needs_mask and self.mask_id is None:
+            raise ValueError("the tokenizer has no mask token; pass mask_token_id (see the checkpoint's fluid.json), "
+                             "or decode training-free with decode.window=cost decode.ngram=true")
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
                for p in prompts]
         if cfg.horizon == "oracle" and reference is None:
             reference = self.generate(ids, algorithm="ar", max_new_tokens=cfg.max_new_tokens)["tokens"]
-        algo = ALGORITHMS[cfg.algorithm]
+        algo = costwin if cfg.algorithm == "fluid" and cfg.window == "cost" else ALGORITHMS[cfg.algorithm]
         rule = StopRule(cfg.max_new_tokens, self.eos_id, self.tokenizer, self.stop_strings)
         stats: list[RowStats] = []
         bar = _progress_bar(progress, len(ids))
@@ -60,8 +64,8 @@ class FluidDecoder:
         for start in range(0, len(ids), bs):
             chunk = ids[start: start + bs]
             ref = reference[start: start + bs] if reference is not None else None
-            ctx = Context(horizon=horizon_source(cfg, self.head, ref) if cfg.algorithm != "ar" else None,
-                          rule=rule, mask_id=self.mask_id)
+            ctx = Context(horizon=horizon_source(cfg, self.head, ref) if algo in (fluid, published) else None,
+                          rule=rule, mask_id=self.mask_id, prompts=chunk, **self._window_state(cfg, algo))
             stats.extend(self._decode(algo, chunk, cfg, ctx))
             if bar is not None:
                 bar.update(len(chunk))
@@ -77,10 +81,30 @@ class FluidDecoder:
     @torch.inference_mode()
     def _decode(self, algo, prompts, cfg: DecodeConfig, ctx: Context) -> list[RowStats]:
         stats = [RowStats() for _ in prompts]
-        batch = DecodeBatch(self.model, prompts, self.pad_id, lane=algo.prefill_lane(cfg, len(prompts)),
+        batch = DecodeBatch(self.model, prompts, self.pad_id, lane=algo.prefill_lane(cfg, len(prompts), self.mask_id),
                             mask_token_id=self.mask_id, decoder=self._body(cfg))
         algo.decode(batch, stats, cfg, ctx)
         return stats
+
+    def _window_state(self, cfg: DecodeConfig, algo) -> dict:
+        """window=cost: the forward-cost curve (measured on this model once, at first use) and the
+        acceptance counted so far for these settings (kept across calls, as a server would)."""
+        if algo is not costwin:
+            return {}
+        ckey = tuple(cfg.cost_curve) if cfg.cost_curve else ("measured",)
+        if ckey not in self._costs:
+            self._costs[ckey] = ForwardCost(self.model, cfg.cost_curve)
+        akey = (cfg.ngram, cfg.ngram_min, cfg.ngram_max, cfg.ngram_draft, cfg.lane_len, cfg.share_verify_draft)
+        return {"cost": self._costs[ckey], "acceptance": self._acceptance.setdefault(akey, costwin.Acceptance())}
+
+    def calibrate(self, batch_sizes: Sequence[int] = (1,), **overrides) -> None:
+        """Measure the forward-cost curves that ``window=cost`` will use at these batch sizes now
+        (otherwise the first call at each measures them), so that no timed call pays for it."""
+        cfg = replace(self.config, **overrides).validate() if overrides else self.config
+        if cfg.algorithm == "fluid" and cfg.window == "cost":
+            cost = self._window_state(cfg, costwin)["cost"]
+            for b in batch_sizes:
+                cost.curve(b)
 
     def _text(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

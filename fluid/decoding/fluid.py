@@ -37,7 +37,7 @@ from fluid.decoding.state import Context, DecodeBatch, RowStats, top_token
 ONE_PROMPT_AT_A_TIME = False
 
 
-def prefill_lane(cfg: DecodeConfig, n_rows: int) -> int:
+def prefill_lane(cfg: DecodeConfig, n_rows: int, mask_id: int | None = None) -> int:
     """MASK slots the prefill carries after every prompt: they draft the first block."""
     return cfg.caps(n_rows)[1]
 

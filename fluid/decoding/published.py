@@ -16,7 +16,7 @@ from fluid.decoding.state import Context, DecodeBatch, RowStats, top_token
 ONE_PROMPT_AT_A_TIME = True
 
 
-def prefill_lane(cfg: DecodeConfig, n_rows: int) -> int:
+def prefill_lane(cfg: DecodeConfig, n_rows: int, mask_id: int | None = None) -> int:
     return 0
 
 

@@ -91,6 +91,9 @@ class Context:
     horizon: object
     rule: StopRule
     mask_id: int | None
+    prompts: Sequence[Sequence[int]] = ()   # the batch's prompt ids (n-gram drafts look them up)
+    cost: object = None                     # a ForwardCost (window=cost)
+    acceptance: object = None               # running acceptance estimates (window=cost)
 
 
 def top_token(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,220 @@
+"""Cost-sized windows (``decode.window=cost``): per row and per forward, as many draft tokens and
+lane slots as maximise the expected committed tokens per unit of forward cost; lossless.
+
+A row's forward carries ``[exact, d drafts, m MASK lane slots]``:
+
+* ``exact`` is the AR token after the committed text (the argmax of the previous forward), so it
+  is always committed.
+* The ``d`` drafts come from one of two sources, whichever promises more: the lane of the previous
+  forward (its MASK slots predicted the tokens after its block, ``decode.lane_len`` deep) or an
+  n-gram lookup in the prompt and the text so far (``decode.ngram``, :mod:`fluid.decoding.ngram`).
+  Draft ``j`` is committed when it equals the AR argmax after draft ``j - 1`` and every draft before
+  it was (verification inside the same forward, as in :mod:`fluid.decoding.fluid`).
+* The ``m`` lane slots follow the last draft: if every draft is accepted they draft the next
+  forward (a lane anchored on a wrong draft is discarded).
+
+``d`` and ``m`` maximise ``(1 + E[accepted drafts] + P[all accepted] * E[accepted lane drafts]) /
+cost(1 + d + m)``, with ``cost`` the model's measured forward-cost curve
+(:mod:`fluid.decoding.cost`) and the acceptance of each draft estimated from what this run has
+seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth). Without
+a MASK token (a plain checkpoint) there is no lane and this is training-free n-gram drafting with
+windows sized by their cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fluid.decoding.config import DecodeConfig
+from fluid.decoding.ngram import NgramIndex
+from fluid.decoding.state import Context, DecodeBatch, RowStats, top_token
+
+ONE_PROMPT_AT_A_TIME = False
+DEPTHS = 32
+
+
+def lane_length(cfg: DecodeConfig, mask_id: int | None) -> int:
+    """The deepest lane a forward may carry (0: no lanes, e.g. a checkpoint without MASK)."""
+    if mask_id is None or not cfg.share_verify_draft:
+        return 0
+    return cfg.lane_len if cfg.lane_len is not None else cfg.k_max - 1
+
+
+def prefill_lane(cfg: DecodeConfig, n_rows: int, mask_id: int | None = None) -> int:
+    return lane_length(cfg, mask_id)
+
+
+class Acceptance:
+    """Running acceptance estimates, with priors that the run's own counts soon outweigh.
+
+    ``estimate('lane', p, j)``: a lane draft of top probability ``p`` (10 bins, prior: ``p``);
+    ``estimate('ngram', p, j)``: an n-gram draft at depth ``j``; ``lane_depth(m)``: the expected
+    accepted drafts of a lane of ``m`` slots not yet run, from the depth rates. Each is the chance
+    that the draft is right given the ones before it were. Every candidate chain is scored against
+    the tokens the forward revealed, whether it was carried or not, so a source that is never
+    carried is still measured."""
+
+    PRIOR_W = 2.0
+
+    def __init__(self):
+        self.bins = 10
+        self.lane_n = np.full(self.bins, self.PRIOR_W)
+        self.lane_a = (np.arange(self.bins) + 0.5) / self.bins * self.PRIOR_W
+        self.ngram_n = np.full(DEPTHS + 1, self.PRIOR_W)
+        self.ngram_a = np.full(DEPTHS + 1, 0.5 * self.PRIOR_W)
+        self.depth_n = np.full(DEPTHS + 1, self.PRIOR_W)
+        self.depth_a = np.full(DEPTHS + 1, 0.5 * self.PRIOR_W)
+
+    def _bin(self, p: float) -> int:
+        return min(self.bins - 1, max(0, int(p * self.bins)))
+
+    def estimate(self, src: str, p: float, j: int) -> float:
+        if src == "lane":
+            b = self._bin(p)
+            return float(self.lane_a[b] / self.lane_n[b])
+        j = min(j, DEPTHS)
+        return float(self.ngram_a[j] / self.ngram_n[j])
+
+    def lane_depth(self, m: int) -> np.ndarray:
+        """Expected accepted drafts of a lane of ``0..m`` slots (cumulative)."""
+        rate = self.depth_a[1: m + 1] / self.depth_n[1: m + 1]
+        return np.concatenate([[0.0], np.cumsum(np.cumprod(rate))])
+
+    def record(self, chain: list["Draft"], truth: list[int]) -> None:
+        """Score ``chain`` (drafts of the tokens after an exact token) against ``truth``, the tokens
+        that followed it as far as the forward revealed them: up to and including its first miss."""
+        for j, (dr, t) in enumerate(zip(chain, truth), start=1):
+            hit = dr.tok == t
+            jj = min(j, DEPTHS)
+            if dr.src == "lane":
+                b = self._bin(dr.p)
+                self.lane_n[b] += 1
+                self.lane_a[b] += hit
+                self.depth_n[jj] += 1
+                self.depth_a[jj] += hit
+            else:
+                self.ngram_n[jj] += 1
+                self.ngram_a[jj] += hit
+            if not hit:
+                break
+
+
+@dataclass
+class Draft:
+    tok: int
+    src: str       # lane | ngram
+    p: float = 0.0  # the lane's top probability
+    depth: int = 0  # the lane slot it came from
+
+
+@dataclass
+class RowState:
+    exact: int
+    pos: int
+    ngram: NgramIndex | None
+    lane: list[Draft] = field(default_factory=list)  # drafts for the tokens after ``exact``
+    chain: list[Draft] = field(default_factory=list)  # what this forward carries
+    options: list[list[Draft]] = field(default_factory=list)  # every source's drafts (scored afterwards)
+    m: int = 0
+
+
+def best_window(est: list[float], lane_gain: np.ndarray, cost: np.ndarray) -> tuple[int, int, float]:
+    """``(d, m, rate)`` maximising ``(1 + sum_j prod_{i<=j} est_i + P_d * lane_gain[m]) / cost[1+d+m]``
+    over ``d <= len(est)`` and ``m < len(lane_gain)``."""
+    p = np.concatenate([[1.0], np.cumprod(est)]) if est else np.ones(1)
+    gain = 1 + np.concatenate([[0.0], np.cumsum(p[1:])])           # (d+1,)
+    total = gain[:, None] + p[:, None] * lane_gain[None, :]         # (d+1, m+1)
+    q = 1 + np.arange(len(p))[:, None] + np.arange(len(lane_gain))[None, :]
+    q = np.minimum(q, len(cost) - 1)
+    rate = total / cost[q]
+    d, m = np.unravel_index(int(np.argmax(rate)), rate.shape)
+    return int(d), int(m), float(rate[d, m])
+
+
+def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: np.ndarray, room: int) -> None:
+    """Pick this forward's drafts and lane length for ``row`` (sets ``row.chain`` and ``row.m``);
+    ``room``: tokens the row may still generate."""
+    width = min(cfg.k_max - 1, room - 1)
+    lane_max = min(lane_max, max(0, room - 1))
+    lane_gain = acc.lane_depth(lane_max)
+    options = []
+    if row.lane:
+        options.append(row.lane[:width])
+    if row.ngram is not None:
+        toks, _ = row.ngram.lookup(row.exact, min(cfg.ngram_draft, width))
+        if toks:
+            options.append([Draft(t, "ngram") for t in toks])
+    row.options = options
+    best = (0, 0, -1.0, [])
+    for chain in options or [[]]:
+        est = [acc.estimate(dr.src, dr.p, j) for j, dr in enumerate(chain, start=1)]
+        d, m, rate = best_window(est, lane_gain, cost)
+        if rate > best[2]:
+            best = (d, m, rate, chain)
+    d, m, _, chain = best
+    row.chain, row.m = chain[:d], m
+
+
+def decode(batch: DecodeBatch, stats: list[RowStats], cfg: DecodeConfig, ctx: Context) -> None:
+    dev, mask_id = batch.device, ctx.mask_id
+    lane_max = lane_length(cfg, mask_id)
+    acc = ctx.acceptance if ctx.acceptance is not None else Acceptance()
+    q_cap = 1 + cfg.k_max + lane_max
+    exact = batch.pending.argmax(-1).tolist()
+    rows = [RowState(exact=e, pos=int(p), ngram=NgramIndex(ctx.prompts[i], cfg.ngram_min, cfg.ngram_max)
+                     if cfg.ngram else None)
+            for i, (e, p) in enumerate(zip(exact, batch.next_pos.tolist()))]
+    if batch.lane_logits is not None:  # the prefill's lane drafted the first forward
+        p, t = top_token(batch.lane_logits[:, 1:])
+        for i, r in enumerate(rows):
+            r.lane = [Draft(int(tt), "lane", float(pp), s) for s, (pp, tt) in
+                      enumerate(zip(p[i].tolist(), t[i].tolist()), start=1)]
+        batch.lane_logits = None
+    while batch.size:
+        n = batch.size
+        cost = ctx.cost.table(n, q_cap) if ctx.cost is not None else np.arange(q_cap + 1, dtype=float)
+        for i, r in enumerate(rows):
+            plan(r, cfg, acc, lane_max, cost, ctx.rule.max_new_tokens - len(stats[int(batch.rows[i])].tokens))
+        qlen = np.array([1 + len(r.chain) + r.m for r in rows])
+        q = int(qlen.max())
+        ids = np.full((n, q), mask_id if mask_id is not None else 0, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : 1 + len(r.chain)] = [r.exact] + [dr.tok for dr in r.chain]
+        pos = np.array([r.pos for r in rows])[:, None] + np.arange(q)[None, :]
+        new_valid = None if qlen.min() == q else torch.from_numpy(np.arange(q)[None, :] < qlen[:, None]).to(dev)
+        logits, _ = batch.forward(torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), new_valid=new_valid)
+        top_p, ar = (x.cpu().numpy() for x in top_token(logits))
+        c = np.ones(n, dtype=np.int64)
+        for i, r in enumerate(rows):
+            d = len(r.chain)
+            a = 0
+            while a < d and r.chain[a].tok == ar[i, a]:
+                a += 1
+            truth = ar[i, : a + 1].tolist()  # the tokens after the exact one, as far as now known
+            for chain in r.options:
+                acc.record(chain, truth)
+            c[i] = 1 + a
+        if n > 1:
+            batch.hide_tail(torch.from_numpy(np.arange(q)[None, :] < c[:, None]).to(dev))
+        batch.crop(q - int(c.max()))
+        alive = np.ones(n, dtype=bool)
+        for i, r in enumerate(rows):
+            ri, d, k = int(batch.rows[i]), len(r.chain), int(c[i])
+            committed = [r.exact] + [dr.tok for dr in r.chain[: k - 1]]
+            st = stats[ri]
+            st.nfe += 1
+            alive[i] = ctx.rule.commit(st, committed, block_done=True, block_acc=k, horizon=int(qlen[i]))
+            if r.ngram is not None:
+                r.ngram.extend(committed)
+            r.exact, r.pos = int(ar[i, k - 1]), r.pos + k
+            # a lane anchored on the last draft drafts the next forward only if every draft held
+            r.lane = [Draft(int(ar[i, d + s]), "lane", float(top_p[i, d + s]), s) for s in range(1, r.m + 1)] \
+                if k == d + 1 and r.m else []
+        if not alive.all():
+            batch.next_pos = torch.tensor([r.pos for r in rows], device=dev)
+            batch.keep(torch.from_numpy(alive).to(dev))
+            rows = [r for r, a in zip(rows, alive.tolist()) if a]
+        batch.compact()

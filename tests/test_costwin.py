@@ -1,0 +1,146 @@
+"""Cost-sized windows and n-gram drafts (``decode.window=cost``, ``decode.ngram``): lossless against
+greedy AR at batch 1 and in ragged batches, training-free on a checkpoint without MASK, and the
+window rule, the n-gram index and the cost curve each against a direct computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fluid.decoding import DecodeConfig, FluidDecoder
+from fluid.decoding.cost import ForwardCost, measure_curve
+from fluid.decoding.costwin import best_window
+from fluid.decoding.ngram import NgramIndex
+from tests.conftest import DECODE_VOCAB as VOCAB
+from tests.conftest import Tok, ar_reference, constant_model, random_prompts, tiny_model
+
+CHEAP = [1.0 + 0.02 * i for i in range(40)]   # a device where a wide window costs little: drafts ride along
+STEEP = [1.0, 1.9, 2.8, 3.7]                  # one where every extra token costs almost a forward
+
+
+def decoder(model, eos=None, mask=True, **cfg):
+    tok = Tok(eos)
+    if not mask:
+        tok.mask_token_id = None
+    return FluidDecoder(model, tok, config=DecodeConfig(window="cost", **cfg))
+
+
+def repetitive_prompts(n, seed=0):
+    """Prompts that repeat a phrase, as GSM8K answers repeat the question's numbers."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        phrase = torch.randint(4, VOCAB, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
+        out.append((phrase * 4)[: int(torch.randint(5, 16, (1,), generator=g))])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_cost_windows_are_lossless(arch, batch_size):
+    model = tiny_model(arch, vocab_size=VOCAB, seed=1)
+    ps = random_prompts(3, VOCAB, seed=2) + repetitive_prompts(3, seed=3)
+    ref = ar_reference(model, ps, 32)
+    for setting in ({"ngram": True}, {}, {"ngram": True, "lane_len": 4}, {"ngram": True, "ngram_max": 1}):
+        for curve in (CHEAP, STEEP):
+            out = decoder(model, batch_size=batch_size, max_new_tokens=32, cost_curve=curve, **setting).generate(ps)
+            assert out["tokens"] == ref, (setting, curve)
+            for row in out["rows"]:
+                assert sum(row.accepted) == len(row.tokens) == 32 and row.finished == "max_new_tokens"
+                assert row.nfe == len(row.accepted)
+
+
+def test_ngram_drafts_are_accepted_when_the_model_repeats_itself():
+    """A tiny random model soon repeats itself: n-gram drafts of its own text are accepted, so it
+    takes fewer forwards than tokens; with a steep cost curve the same drafts are not worth carrying."""
+    model = tiny_model("llama", vocab_size=VOCAB, seed=1)
+    ps = repetitive_prompts(4, seed=5)
+    ref = ar_reference(model, ps, 48)
+    cheap = decoder(model, mask=False, ngram=True, batch_size=1, max_new_tokens=48, cost_curve=CHEAP).generate(ps)
+    steep = decoder(model, mask=False, ngram=True, batch_size=1, max_new_tokens=48, cost_curve=STEEP).generate(ps)
+    assert cheap["tokens"] == steep["tokens"] == ref
+    assert cheap["tpf"] > 1.3
+    assert steep["tpf"] < cheap["tpf"]
+
+
+def test_training_free_ngram_on_a_checkpoint_without_mask():
+    model = tiny_model("qwen2", vocab_size=VOCAB, seed=4)
+    ps = random_prompts(5, VOCAB, seed=6)
+    ref = ar_reference(model, ps, 20)
+    out = decoder(model, mask=False, ngram=True, batch_size=3, max_new_tokens=20, cost_curve=CHEAP).generate(ps)
+    assert out["tokens"] == ref
+    with pytest.raises(ValueError, match="no mask token"):
+        decoder(model, mask=False, batch_size=3, max_new_tokens=20).generate(ps)
+    with pytest.raises(ValueError, match="decode.window=cost"):
+        DecodeConfig(ngram=True).validate()
+
+
+def test_lanes_draft_when_drafts_are_good():
+    """Every token embeds alike: a lane's drafts are all right, so a cheap device carries long lanes
+    and commits many tokens a forward (the prefill's lane drafts the first one)."""
+    model = constant_model()
+    ps = random_prompts(3, VOCAB, seed=4)
+    ref = ar_reference(model, ps, 40)
+    out = decoder(model, batch_size=3, max_new_tokens=40, k_max=8, cost_curve=CHEAP).generate(ps)
+    assert out["tokens"] == ref
+    assert out["tpf"] > 4
+
+
+def test_eos_inside_drafts_and_ragged_rows():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=5)
+    ps = repetitive_prompts(5, seed=6)
+    free = ar_reference(model, ps, 30)
+    eos = free[0][6]
+    ref = ar_reference(model, ps, 30, eos=eos)
+    assert ref[0][-1] == eos and len(ref[0]) <= 7
+    out = decoder(model, eos=eos, ngram=True, batch_size=5, max_new_tokens=30, cost_curve=CHEAP).generate(ps)
+    assert out["tokens"] == ref
+    assert [r.finished for r in out["rows"]] == ["eos" if t[-1] == eos else "max_new_tokens" for t in ref]
+
+
+def test_best_window_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        est = rng.uniform(0, 1, rng.integers(0, 6)).tolist()
+        lane_gain = np.concatenate([[0.0], np.cumsum(rng.uniform(0, 0.6, rng.integers(0, 5)))])
+        cost = np.concatenate([[np.inf], np.cumsum(rng.uniform(0.01, 1, 12)) + 1])
+        d, m, rate = best_window(est, lane_gain, cost)
+        best = -1.0
+        for dd in range(len(est) + 1):
+            p = np.prod(est[:dd]) if dd else 1.0
+            gain = 1 + sum(np.prod(est[:j]) for j in range(1, dd + 1))
+            for mm in range(len(lane_gain)):
+                best = max(best, (gain + p * lane_gain[mm]) / cost[1 + dd + mm])
+        assert rate == pytest.approx(best)
+    assert best_window([0.9, 0.9], np.zeros(1), np.array([np.inf, 1.0, 1.01, 1.02]))[:2] == (2, 0)
+    assert best_window([0.2, 0.2], np.zeros(1), np.array([np.inf, 1.0, 1.9, 2.8]))[:2] == (0, 0)
+
+
+def test_ngram_index_against_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        toks = rng.integers(0, 5, rng.integers(0, 25)).tolist()
+        nxt = int(rng.integers(0, 5))
+        idx = NgramIndex(toks[:3], 1, 3)
+        idx.extend(toks[3:])
+        got, n = idx.lookup(nxt, 4)
+        text = toks + [nxt]
+        want = ([], 0)
+        for size in (3, 2, 1):  # longest n-gram ending in nxt, latest earlier occurrence with a continuation
+            if size > len(text):
+                continue
+            key = text[-size:]
+            ends = [e for e in range(size, len(text)) if text[e - size: e] == key]
+            if ends:
+                want = (text[ends[-1]: ends[-1] + 4], size)
+                break
+        assert (got, n) == want, (toks, nxt)
+
+
+def test_forward_cost_curve():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    curve = measure_curve(model, 1, cache=16, tokens=(1, 2, 4), repeats=1)
+    assert len(curve) == 4 and curve[0] == 1.0 and all(b >= a for a, b in zip(curve, curve[1:]))
+    table = ForwardCost(curve=[2.0, 3.0, 5.0]).table(1, 6)
+    assert table[1:].tolist() == [1.0, 1.5, 2.5, 3.5, 4.5, 5.5]
+    with pytest.raises(ValueError, match="positive"):
+        ForwardCost(curve=[1.0, -1.0])
