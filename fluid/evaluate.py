@@ -66,7 +66,7 @@ def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool) -> dic
             dcfg = replace(base, **ov).validate()
         except ValueError as e:
             raise FluidConfigError(f"settings.{name}", str(e)) from None
-        if dcfg.algorithm != "ar" and dcfg.horizon == "head" and not has_head:
+        if dcfg.needs_head and not has_head:
             raise FluidConfigError(f"settings.{name}", "uses horizon=head but the checkpoint has no K-head",
                                    "use a stage-2 checkpoint or decode.horizon=fixed")
         out[name] = dcfg
@@ -160,11 +160,16 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     else:
         dec = FluidDecoder(fm.model, tok, head=fm.head, mask_token_id=fm.mask_token_id, config=base,
                            stop_strings=list(bench.stop_strings))
+        peers = _baselines(cfg, fm, base, bench, settings)
+        for dcfg in settings.values():  # window=cost measures the model's forward-cost curve once, untimed
+            dec.calibrate([base.batch_size], **_fields(dcfg))
         if cfg.warmup:  # first forwards allocate and tune kernels: not in any timing
             for dcfg in [replace(base, algorithm="ar"), *settings.values()]:
                 dec.generate(ids[: cfg.warmup], **_fields(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
-        outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings}, cfg.repeats, cfg.progress,
-                          cfg.get("interleave"))
+            for peer in peers.values():
+                peer.generate(ids[: cfg.warmup], max_new_tokens=min(16, base.max_new_tokens))
+        outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings, **peers}, cfg.repeats,
+                          cfg.progress, cfg.get("interleave"))
         write_jsonl(run_dir / "samples.jsonl", _records(samples, ids, tok, outs, None))  # kept if scoring fails
         correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
         for name, out in outs.items():
@@ -189,6 +194,21 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     print(f"\n{title}\n{table}\n", flush=True)
     columns, rows = _sample_table(records, names)
     report.log_to_loggers(loggers, OmegaConf.to_container(cfg, resolve=True), metrics, columns, rows, plot)
+
+
+def _baselines(cfg: DictConfig, fm, base: DecodeConfig, bench, settings: dict) -> dict:
+    """``baselines``: transformers' generate, greedy and prompt lookup, as rows beside the settings."""
+    from fluid.eval.baselines import build_baselines
+
+    names = list(cfg.get("baselines") or [])
+    clash = sorted(set(names) & set(settings))
+    if clash:
+        raise FluidConfigError("baselines", f"{clash[0]!r} is also a setting name", "rename the setting")
+    try:
+        return build_baselines(names, fm.model, fm.tokenizer, base.max_new_tokens, base.batch_size,
+                               list(bench.stop_strings), prompt_lookup=int(cfg.get("prompt_lookup_tokens") or 4))
+    except ValueError as e:
+        raise FluidConfigError("baselines", str(e)) from None
 
 
 def _compare_reference(fm, ids, outs: dict, reference: list[list[int]], batch_size: int, ref_dir) -> dict:
@@ -221,7 +241,7 @@ def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progre
     if interleave is not None and (isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 0):
         raise FluidConfigError("interleave", f"must be a number of prompts >= 0 or null, got {interleave!r}")
     names = list(settings)
-    bs = max(d.batch_size for d in settings.values())
+    bs = max(d.batch_size for d in settings.values() if isinstance(d, DecodeConfig))
     chunk = max(1, len(ids)) if not interleave else -(-interleave // bs) * bs
     parts: dict[str, list[dict]] = {n: [] for n in names}
     bar = None
@@ -234,7 +254,8 @@ def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progre
         part, best = ids[start: start + chunk], {}
         for _ in range(repeats):
             for name in names[k % len(names):] + names[: k % len(names)]:
-                out = dec.generate(part, **_fields(settings[name]))
+                s = settings[name]
+                out = dec.generate(part, **_fields(s)) if isinstance(s, DecodeConfig) else s.generate(part)
                 if name in best and out["tokens"] != best[name]["tokens"]:
                     raise RuntimeError(f"{name}: two runs decoded different tokens (decoding must be deterministic)")
                 if name not in best or out["wall_time_s"] < best[name]["wall_time_s"]:

@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> dict:
     if mask is not None and not 0 <= mask < vocab:
         raise FluidConfigError("mask_token_id", f"{mask} is outside the model's vocabulary (0..{vocab - 1})",
                                "leave it null to use the checkpoint's")
-    if dcfg.algorithm == "fluid" and dcfg.horizon == "head" and head is None:
+    if dcfg.needs_head and head is None:
         raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",
                                "use a stage-2 checkpoint or decode.horizon=fixed")
     ids = [encode(tok, p, cfg.chat) for p in prompts]

@@ -418,3 +418,24 @@ def test_reference_identical_and_argmax_agreement(tmp_path, drafting_stage2, tin
                                      f"reference={tmp_path / 'ref'}"])
     with pytest.raises(FluidConfigError, match="reference: .* not found"):
         run_eval(tmp_path / "none", common + [f"checkpoint={tiny_stage2}", f"reference={tmp_path / 'nope'}"])
+
+
+def test_evaluate_peers_and_cost_windows_in_the_same_rounds(tmp_path, tiny_stage2):
+    """baselines: transformers' greedy and prompt lookup as rows with the settings' keys; cost-sized
+    windows with n-gram drafts, with and without lanes, lossless like every setting."""
+    m = run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=3", "decode.max_new_tokens=16",
+                            "decode.batch_size=1", "settings=null", "+settings.ngram={window:cost,ngram:true,lane_len:0}",
+                            "+settings.lanes_ngram={window:cost,ngram:true,cost_curve:[1.0,1.1,1.2]}",
+                            "baselines=[hf_greedy,hf_prompt_lookup]", "warmup=1", "interleave=2"])
+    assert m["status"] == "completed"
+    for name in ("ngram", "lanes_ngram", "hf_greedy", "hf_prompt_lookup"):
+        for key in ("tokens_per_s", "tpf", "identical_to_ar", "speedup_vs_ar", "accuracy"):
+            assert f"{name}/{key}" in m, f"{name}/{key}"
+        assert m[f"{name}/identical_to_ar"] == 1.0, name
+    assert m["hf_greedy/tpf"] == 1.0  # one counted forward per token, as the AR loop counts them
+    with pytest.raises(Exception, match="batch_size=1"):
+        run_eval(tmp_path / "b4", ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=2", "decode.batch_size=4",
+                                   "baselines=[hf_prompt_lookup]"])
+    with pytest.raises(Exception, match="unknown baseline"):
+        run_eval(tmp_path / "bad", ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=2", "decode.batch_size=1",
+                                    "baselines=[vllm]"])

@@ -148,10 +148,10 @@ class FluidLM(TemplateLM):
         fm = load_fluid(checkpoint, device=device, dtype=dtype)
         self.model, self.head, self.tokenizer, self.meta, self.path = fm.model, fm.head, fm.tokenizer, fm.meta, fm.path
         mask = fm.mask_token_id if mask_token_id is None else int(mask_token_id)
-        if cfg.algorithm != "ar" and cfg.horizon == "head" and self.head is None:
+        if cfg.needs_head and self.head is None:
             raise FluidConfigError("horizon", "is 'head' but the checkpoint has no K-head",
                                    "use a stage-2 checkpoint or pass horizon=fixed in --model_args")
-        if cfg.algorithm != "ar" and mask is None:
+        if cfg.needs_mask and mask is None:
             raise FluidConfigError("mask_token_id", "the checkpoint's tokenizer has no MASK token",
                                    "pass mask_token_id=ID or algorithm=ar")
         self.decode_config = cfg
