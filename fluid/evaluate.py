@@ -200,10 +200,14 @@ def _baselines(cfg: DictConfig, fm, base: DecodeConfig, bench, settings: dict) -
     """``baselines``: transformers' generate, greedy and prompt lookup, as rows beside the settings."""
     from fluid.eval.baselines import build_baselines
 
+    from fluid.checkpoint import load_fluid
+
     names = list(cfg.get("baselines") or [])
     clash = sorted(set(names) & set(settings))
     if clash:
         raise FluidConfigError("baselines", f"{clash[0]!r} is also a setting name", "rename the setting")
+    if names and cfg.get("baseline_checkpoint"):  # e.g. the original model, loaded as plain HF
+        fm = load_fluid(cfg.baseline_checkpoint, device=fm.model.device, dtype=next(fm.model.parameters()).dtype)
     try:
         return build_baselines(names, fm.model, fm.tokenizer, base.max_new_tokens, base.batch_size,
                                list(bench.stop_strings), prompt_lookup=int(cfg.get("prompt_lookup_tokens") or 4))

@@ -82,6 +82,7 @@ def run(cfg: DictConfig) -> dict:
                                "use a stage-2 checkpoint or decode.horizon=fixed")
     ids = [encode(tok, p, cfg.chat) for p in prompts]
     dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=dcfg, stop_strings=list(cfg.stop_strings))
+    dec.calibrate([min(dcfg.batch_size, len(ids))])  # window=cost: the forward-cost curve, not in the timing
     out = dec.generate(ids)
     rows = []
     for p, text, st in zip(prompts, out["texts"], out["rows"]):

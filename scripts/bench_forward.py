@@ -16,35 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 
 def measure(model, batch: int, cache: int, tokens: int, repeats: int, vocab: int) -> list[float]:
-    """Seconds of ``repeats`` forwards of ``tokens`` new tokens per row over a ``cache``-token KV cache."""
-    from transformers import DynamicCache
+    """Seconds of ``repeats`` forwards of ``tokens`` new tokens per row over a ``cache``-token KV cache
+    (the measurement ``decode.window=cost`` sizes its windows by: fluid/decoding/cost.py)."""
+    from fluid.decoding.cost import time_forwards
 
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (batch, cache), generator=g).to(device)
-    new = torch.randint(0, vocab, (batch, tokens), generator=g).to(device)
-    pos = torch.arange(cache, cache + tokens, device=device).expand(batch, -1)
-    out = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            kv = DynamicCache()
-            model(input_ids=prompt, position_ids=torch.arange(cache, device=device).expand(batch, -1),
-                  past_key_values=kv, use_cache=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(input_ids=new, position_ids=pos, past_key_values=kv, use_cache=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - t)
-    return out
+    return time_forwards(model, batch, cache, tokens, repeats, vocab)
 
 
 def main(argv: list[str] | None = None) -> dict:

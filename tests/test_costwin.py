@@ -138,8 +138,9 @@ def test_ngram_index_against_brute_force():
 
 def test_forward_cost_curve():
     model = tiny_model("llama", vocab_size=VOCAB, seed=0)
-    curve = measure_curve(model, 1, cache=16, tokens=(1, 2, 4), repeats=1)
-    assert len(curve) == 4 and curve[0] == 1.0 and all(b >= a for a, b in zip(curve, curve[1:]))
+    curve, lane = measure_curve(model, 1, cache=16, tokens=(1, 2, 4), repeats=1, mask_id=3)
+    assert len(curve) == len(lane) == 4 and curve[0] == 1.0 and all(b >= a for a, b in zip(curve, curve[1:]))
+    assert measure_curve(model, 1, cache=16, tokens=(1, 2), repeats=1)[1] is None
     table = ForwardCost(curve=[2.0, 3.0, 5.0]).table(1, 6)
     assert table[1:].tolist() == [1.0, 1.5, 2.5, 3.5, 4.5, 5.5]
     with pytest.raises(ValueError, match="positive"):

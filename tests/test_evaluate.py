@@ -426,7 +426,8 @@ def test_evaluate_peers_and_cost_windows_in_the_same_rounds(tmp_path, tiny_stage
     m = run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=3", "decode.max_new_tokens=16",
                             "decode.batch_size=1", "settings=null", "+settings.ngram={window:cost,ngram:true,lane_len:0}",
                             "+settings.lanes_ngram={window:cost,ngram:true,cost_curve:[1.0,1.1,1.2]}",
-                            "baselines=[hf_greedy,hf_prompt_lookup]", "warmup=1", "interleave=2"])
+                            "baselines=[hf_greedy,hf_prompt_lookup]", "warmup=1", "interleave=2",
+                            f"baseline_checkpoint={tiny_stage2.parent / 'stage1'}"])
     assert m["status"] == "completed"
     for name in ("ngram", "lanes_ngram", "hf_greedy", "hf_prompt_lookup"):
         for key in ("tokens_per_s", "tpf", "identical_to_ar", "speedup_vs_ar", "accuracy"):

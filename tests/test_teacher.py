@@ -7,9 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import tests.test_exact as exact_tests
 from fluid.backbones.spec import BackboneSpec
 from fluid.modules.hybrid import HybridDiffusionModule, LaneLoss, combine, lane_losses, slot_weights, teacher_kl
-from tests.test_exact import LANES, MASKING, batch, original, original_logits, train_step  # noqa: F401
+from tests.test_exact import LANES, MASKING, batch, original_logits, train_step
+
+original = exact_tests.original  # the fixture: a tiny Llama, Qwen2 and Qwen3 original model
 
 TEACHER = {"lane_target": "teacher"}
 

@@ -121,20 +121,24 @@ class RowState:
     m: int = 0
 
 
-def best_window(est: list[float], lane_gain: np.ndarray, cost: np.ndarray) -> tuple[int, int, float]:
+def best_window(est: list[float], lane_gain: np.ndarray, cost: np.ndarray,
+                cost_lane: np.ndarray | None = None) -> tuple[int, int, float]:
     """``(d, m, rate)`` maximising ``(1 + sum_j prod_{i<=j} est_i + P_d * lane_gain[m]) / cost[1+d+m]``
-    over ``d <= len(est)`` and ``m < len(lane_gain)``."""
+    over ``d <= len(est)`` and ``m < len(lane_gain)`` (``cost_lane`` for windows with ``m > 0``)."""
     p = np.concatenate([[1.0], np.cumprod(est)]) if est else np.ones(1)
     gain = 1 + np.concatenate([[0.0], np.cumsum(p[1:])])           # (d+1,)
     total = gain[:, None] + p[:, None] * lane_gain[None, :]         # (d+1, m+1)
     q = 1 + np.arange(len(p))[:, None] + np.arange(len(lane_gain))[None, :]
     q = np.minimum(q, len(cost) - 1)
-    rate = total / cost[q]
+    c = cost[q]
+    if cost_lane is not None:
+        c = np.where(np.arange(len(lane_gain))[None, :] > 0, cost_lane[q], c)
+    rate = total / c
     d, m = np.unravel_index(int(np.argmax(rate)), rate.shape)
     return int(d), int(m), float(rate[d, m])
 
 
-def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: np.ndarray, room: int) -> None:
+def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple, room: int) -> None:
     """Pick this forward's drafts and lane length for ``row`` (sets ``row.chain`` and ``row.m``);
     ``room``: tokens the row may still generate."""
     width = min(cfg.k_max - 1, room - 1)
@@ -151,7 +155,7 @@ def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost:
     best = (0, 0, -1.0, [])
     for chain in options or [[]]:
         est = [acc.estimate(dr.src, dr.p, j) for j, dr in enumerate(chain, start=1)]
-        d, m, rate = best_window(est, lane_gain, cost)
+        d, m, rate = best_window(est, lane_gain, *cost)
         if rate > best[2]:
             best = (d, m, rate, chain)
     d, m, _, chain = best
@@ -175,7 +179,8 @@ def decode(batch: DecodeBatch, stats: list[RowStats], cfg: DecodeConfig, ctx: Co
         batch.lane_logits = None
     while batch.size:
         n = batch.size
-        cost = ctx.cost.table(n, q_cap) if ctx.cost is not None else np.arange(q_cap + 1, dtype=float)
+        cost = ((ctx.cost.table(n, q_cap), ctx.cost.table(n, q_cap, lane=True) if lane_max else None)
+                if ctx.cost is not None else (np.arange(q_cap + 1, dtype=float), None))
         for i, r in enumerate(rows):
             plan(r, cfg, acc, lane_max, cost, ctx.rule.max_new_tokens - len(stats[int(batch.rows[i])].tokens))
         qlen = np.array([1 + len(r.chain) + r.m for r in rows])

@@ -12,8 +12,8 @@ import torch
 
 from fluid.checkpoint import mask_token_id as resolve_mask_id
 from fluid.decoding import ar, costwin, fluid, published
-from fluid.decoding.cost import ForwardCost
 from fluid.decoding.config import DecodeConfig
+from fluid.decoding.cost import ForwardCost
 from fluid.decoding.horizon import horizon_source
 from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule
 
@@ -91,9 +91,10 @@ class FluidDecoder:
         acceptance counted so far for these settings (kept across calls, as a server would)."""
         if algo is not costwin:
             return {}
-        ckey = tuple(cfg.cost_curve) if cfg.cost_curve else ("measured",)
+        ckey = tuple(cfg.cost_curve) if cfg.cost_curve else ("measured", costwin.lane_length(cfg, self.mask_id) > 0)
         if ckey not in self._costs:
-            self._costs[ckey] = ForwardCost(self.model, cfg.cost_curve)
+            self._costs[ckey] = ForwardCost(self.model, cfg.cost_curve,
+                                            mask_id=self.mask_id if costwin.lane_length(cfg, self.mask_id) else None)
         akey = (cfg.ngram, cfg.ngram_min, cfg.ngram_max, cfg.ngram_draft, cfg.lane_len, cfg.share_verify_draft)
         return {"cost": self._costs[ckey], "acceptance": self._acceptance.setdefault(akey, costwin.Acceptance())}
 
