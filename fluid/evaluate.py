@@ -198,9 +198,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
 
 def _baselines(cfg: DictConfig, fm, base: DecodeConfig, bench, settings: dict) -> dict:
     """``baselines``: transformers' generate, greedy and prompt lookup, as rows beside the settings."""
-    from fluid.eval.baselines import build_baselines
-
     from fluid.checkpoint import load_fluid
+    from fluid.eval.baselines import build_baselines
 
     names = list(cfg.get("baselines") or [])
     clash = sorted(set(names) & set(settings))

@@ -195,9 +195,10 @@ def test_stage_defaults_are_the_embedded_recipe():
     # an experiment names its own recipe; the tiny one spells out the embedded stage 0
     assert compose_cfg(["experiment=arith_ar_prior"], out).stage.module.optim.lr == 2.0e-3
     assert compose_cfg(["experiment=smollm2_gsm8k_ar"], out).stage.module.optim.lr == 2.0e-5
-    s1 = compose_cfg(["experiment=smollm2_gsm8k_stage1", "data.responses=self", "stage.module.lora.scope=lanes"], out)
+    s1 = compose_cfg(["experiment=smollm2_gsm8k_stage1", "data.responses=self"], out)
     assert (s1.stage.id, s1.backbone.name, s1.data.name, s1.masking.horizon, s1.stage.module.lora.r) == \
-        (1, "smollm2_135m", "gsm8k", 16, 16)
+        (1, "smollm2_135m", "gsm8k", 4, 16)
+    assert (s1.stage.module.lora.scope, s1.stage.module.loss.lane_target) == ("lanes", "teacher")
     assert s1.data.self_responses.model == s1.backbone.path  # stage 1 learns the backbone's responses
     s2 = compose_cfg(["experiment=smollm2_gsm8k_stage2", "stage.init_checkpoint=/runs/s1/checkpoint"], out)
     assert s2.stage.id == 2 and s2.data.self_responses.model == "/runs/s1/checkpoint"  # stage 2: the stage-1 model's

@@ -1,0 +1,97 @@
+"""Tokens per forward of a stage-1 run's checkpoints: the learning curve a recipe is picked from.
+
+    python scripts/learning_curve.py --checkpoints outputs/exports/teacher-step{125,250,375,500} \\
+        --steps 125 250 375 500 --limit 32 --out outputs/bench/learning_curve.json
+
+Each checkpoint decodes the first ``--limit`` GSM8K test problems at batch 1 with cost-sized
+windows (``decode.window=cost``), lanes only and lanes + n-gram drafts, and the fraction of
+lane drafts that verification accepted at each depth is counted. The cost curve is fixed
+(``--cost-curve``, the 2-core CPU's measured one by default), so TPF does not depend on what else
+the machine runs: no time is reported. Prints a table, writes JSON and a plot (``.png`` beside it).
+Every row is checked token-identical to the checkpoint's greedy AR output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# relative cost of a forward over 1..17 new tokens, SmolLM2-135M fp32 on 2 CPU cores (docs/results.md)
+CPU_CURVE = [1.0, 1.25, 1.42, 1.56, 1.63, 1.70, 1.77, 1.84, 1.88, 1.92, 1.96, 2.0, 2.04, 2.08, 2.12, 2.15, 2.18]
+SETTINGS = {"lanes": {"window": "cost", "lane_len": 4},
+            "lanes_ngram": {"window": "cost", "lane_len": 4, "ngram": True}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoints", nargs="+", required=True, help="exported stage-1 directories, in step order")
+    ap.add_argument("--steps", nargs="+", type=int, required=True, help="the training step of each checkpoint")
+    ap.add_argument("--labels", nargs="*", default=None, help="a series name per checkpoint (default: run)")
+    ap.add_argument("--benchmark", default="gsm8k")
+    ap.add_argument("--limit", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--cost-curve", type=float, nargs="+", default=CPU_CURVE)
+    ap.add_argument("--out", default="outputs/bench/learning_curve.json")
+    args = ap.parse_args(argv)
+    if len(args.steps) != len(args.checkpoints) or (args.labels and len(args.labels) != len(args.checkpoints)):
+        ap.error("--checkpoints, --steps (and --labels) need one entry each")
+
+    from fluid.checkpoint import load_fluid
+    from fluid.decoding import DecodeConfig, FluidDecoder
+    from fluid.utils.build import build
+    from fluid.utils.compose import compose
+
+    bench = build(compose("evaluate", [f"benchmark={args.benchmark}"]).benchmark)
+    samples = bench.samples(args.limit)
+    rows = []
+    for i, (ckpt, step) in enumerate(zip(args.checkpoints, args.steps)):
+        fm = load_fluid(ckpt)
+        ids = [bench.encode(s, fm.tokenizer) for s in samples]
+        dec = FluidDecoder(fm.model, fm.tokenizer, head=fm.head, mask_token_id=fm.mask_token_id,
+                           config=DecodeConfig(batch_size=1, max_new_tokens=args.max_new_tokens),
+                           stop_strings=list(bench.stop_strings))
+        ref = dec.generate(ids, algorithm="ar")["tokens"]
+        row = {"series": args.labels[i] if args.labels else "run", "step": step, "checkpoint": ckpt}
+        for name, ov in SETTINGS.items():
+            out = dec.generate(ids, cost_curve=args.cost_curve, **ov)
+            if out["tokens"] != ref:
+                raise SystemExit(f"{ckpt} {name}: not identical to greedy AR (a decoding bug)")
+            row[f"{name}/tpf"] = out["tpf"]
+        acc = next(a for k, a in dec._acceptance.items() if not k[0])  # the lanes-only setting's counts
+        row["lane_depth_acceptance"] = (acc.depth_a[1:5] / acc.depth_n[1:5]).round(3).tolist()
+        rows.append(row)
+        print(f"{row['series']:>10} step {step:>5}: TPF lanes {row['lanes/tpf']:.3f}, lanes+ngram "
+              f"{row['lanes_ngram/tpf']:.3f}, lane acceptance by depth {row['lane_depth_acceptance']}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": args.benchmark, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+              "cost_curve": args.cost_curve, "rows": rows}
+    out.write_text(json.dumps(result, indent=2))
+    _plot(rows, out.with_suffix(".png"))
+    print(f"written {out} and {out.with_suffix('.png')}")
+    return result
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for series in dict.fromkeys(r["series"] for r in rows):
+        rs = [r for r in rows if r["series"] == series]
+        for name, style in (("lanes", "o-"), ("lanes_ngram", "s--")):
+            ax.plot([r["step"] for r in rs], [r[f"{name}/tpf"] for r in rs], style, label=f"{series} {name}")
+    ax.set_xlabel("stage-1 step")
+    ax.set_ylabel("tokens per forward (batch 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
