@@ -97,7 +97,9 @@ def run(cfg: DictConfig) -> dict:
         mean_acc = sum(r["accepted"]) / max(1, len(r["accepted"]))
         print(f"{i:>3} {r['tokens']:>7} {r['nfe']:>5} {r['tpf']:>6.2f} {mean_acc:>9.2f} {r['finished']:>15}")
     print(f"total: {out['generated_tokens']} tokens, TPF {out['tpf']:.2f}, {out['tokens_per_s']:.1f} tokens/s, "
-          f"{out['wall_time_s']:.2f} s ({dcfg.algorithm}, horizon={dcfg.horizon}, verify={dcfg.verify})"
+          f"{out['wall_time_s']:.2f} s ({dcfg.algorithm}, "
+          + (f"window=cost, ngram={dcfg.ngram}" if dcfg.window == "cost" else f"horizon={dcfg.horizon}")
+          + f", verify={dcfg.verify})"
           + (" [compile: the time includes compiling]" if dcfg.compile else ""))
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
