@@ -15,7 +15,7 @@ from fluid.decoding import ar, costwin, fluid, published
 from fluid.decoding.config import DecodeConfig
 from fluid.decoding.cost import ForwardCost
 from fluid.decoding.horizon import horizon_source
-from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule
+from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule, decode_result, visible_text
 
 ALGORITHMS = {"fluid": fluid, "ar": ar, "published": published}
 RECOMPILE_LIMIT = 64  # shapes vary by design (rows leave, blocks and the cache change length)
@@ -72,11 +72,7 @@ class FluidDecoder:
         wall = time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        n_tok = sum(len(s.tokens) for s in stats)
-        return {"texts": [self._text(s.tokens) for s in stats], "tokens": [s.tokens for s in stats], "rows": stats,
-                "wall_time_s": wall, "generated_tokens": n_tok,
-                "tokens_per_s": n_tok / wall if wall > 0 else float("nan"),
-                "tpf": n_tok / max(1, sum(s.nfe for s in stats)), "nfe": sum(s.nfe for s in stats)}
+        return decode_result(stats, [visible_text(self.tokenizer, s.tokens, self.stop_strings) for s in stats], wall)
 
     @torch.inference_mode()
     def _decode(self, algo, prompts, cfg: DecodeConfig, ctx: Context) -> list[RowStats]:
@@ -106,13 +102,6 @@ class FluidDecoder:
             cost = self._window_state(cfg, costwin)["cost"]
             for b in batch_sizes:
                 cost.curve(b)
-
-    def _text(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in self.stop_strings:
-            if s in text:
-                text = text[: text.index(s)]
-        return text
 
     def _body(self, cfg: DecodeConfig):
         """The transformer body to run: the model's own, or (``compile``) one compiled copy of it."""

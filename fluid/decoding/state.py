@@ -83,6 +83,24 @@ class StopRule:
         return not reason
 
 
+def visible_text(tokenizer, tokens: list[int], stop_strings: Sequence[str] = ()) -> str:
+    """The text of ``tokens`` as a user sees it: special tokens dropped, cut before a stop string."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for s in stop_strings:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def decode_result(stats: list[RowStats], texts: list[str], wall: float) -> dict:
+    """What every decoder's ``generate`` returns: texts, tokens, row statistics, time, TPF."""
+    n_tok = sum(len(s.tokens) for s in stats)
+    nfe = sum(s.nfe for s in stats)
+    return {"texts": texts, "tokens": [s.tokens for s in stats], "rows": stats, "wall_time_s": wall,
+            "generated_tokens": n_tok, "tokens_per_s": n_tok / wall if wall > 0 else float("nan"),
+            "tpf": n_tok / max(1, nfe), "nfe": nfe}
+
+
 @dataclass
 class Context:
     """What an algorithm needs besides the batch and the config: where horizons come from

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from fluid.decoding.state import RowStats
+from fluid.decoding.state import RowStats, decode_result, visible_text
 
 BASELINES = ("hf_greedy", "hf_prompt_lookup")
 
@@ -61,22 +61,10 @@ class HFBaseline:
                 st = RowStats(tokens=toks, nfe=calls[0] - before)
                 st.finished = "eos" if toks and toks[-1] == self.eos else "max_new_tokens"
                 stats.append(st)
-                texts.append(self._text(toks))
+                texts.append(visible_text(self.tokenizer, toks, self.stop_strings))
         finally:
             hook.remove()
-        wall = time.perf_counter() - t0
-        n_tok = sum(len(s.tokens) for s in stats)
-        nfe = sum(s.nfe for s in stats)
-        return {"texts": texts, "tokens": [s.tokens for s in stats], "rows": stats, "wall_time_s": wall,
-                "generated_tokens": n_tok, "tokens_per_s": n_tok / wall if wall > 0 else float("nan"),
-                "tpf": n_tok / max(1, nfe), "nfe": nfe}
-
-    def _text(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in self.stop_strings:
-            if s in text:
-                text = text[: text.index(s)]
-        return text
+        return decode_result(stats, texts, time.perf_counter() - t0)
 
 
 def build_baselines(names, model, tokenizer, max_new_tokens: int, batch_size: int, stop_strings=(),
