@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fluid import exact
+from fluid.backbones.tokens import pad_token_id
 from fluid.utils.errors import FluidConfigError
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def align_special_tokens(model, tokenizer) -> None:
     """Make the model's config and generation config name the tokenizer's BOS/EOS/PAD ids, so
     that other tools (Hugging Face ``generate``, vLLM, lm-eval) stop where this project does."""
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+           "pad_token_id": pad_token_id(tokenizer)}
     for cfg in (model.config, getattr(model, "generation_config", None)):
         if cfg is None:
             continue

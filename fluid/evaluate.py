@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +22,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, check_group_overrides, register_resolvers
 from fluid.decoding.config import DecodeConfig, register_decode_config
+from fluid.decoding.setup import build_decoder, check_decode, decode_config
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
 log = logging.getLogger("fluid.evaluate")
 register_resolvers()
 register_decode_config()
-DECODE_FIELDS = {f.name for f in fields(DecodeConfig)}
 
 
-def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool) -> dict[str, DecodeConfig]:
+def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool, mask_id: int | None) -> dict[str, DecodeConfig]:
     """``settings`` (name -> DecodeConfig overrides on top of ``decode``), each also at every
     value of ``confidences`` (``<name>_c<value>``); checked before anything is decoded."""
     raw = OmegaConf.to_container(cfg.settings, resolve=True) if cfg.get("settings") else {}
     if not raw:  # settings=null: AR greedy alone (a plain or stage-0 model's accuracy and speed)
         return {}
-    shared = sorted(f for f in ("algorithm", "batch_size", "max_new_tokens", "compile") if f in DECODE_FIELDS)
+    shared = ["algorithm", "batch_size", "compile", "max_new_tokens"]
     confidences = list(cfg.get("confidences") or [])
     for c in confidences:
         if isinstance(c, bool) or not isinstance(c, (int, float)):
@@ -58,18 +58,8 @@ def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool) -> dic
     for name, ov in settings.items():
         if name == "ar" or "/" in name:
             raise FluidConfigError(f"settings.{name}", "is a reserved or invalid name", "pick another name")
-        unknown = sorted(set(ov) - DECODE_FIELDS)
-        if unknown:
-            raise FluidConfigError(f"settings.{name}", f"unknown decode field(s) {unknown}",
-                                   f"valid: {', '.join(sorted(DECODE_FIELDS))}")
-        try:
-            dcfg = replace(base, **ov).validate()
-        except ValueError as e:
-            raise FluidConfigError(f"settings.{name}", str(e)) from None
-        if dcfg.needs_head and not has_head:
-            raise FluidConfigError(f"settings.{name}", "uses horizon=head but the checkpoint has no K-head",
-                                   "use a stage-2 checkpoint or decode.horizon=fixed")
-        out[name] = dcfg
+        out[name] = decode_config(ov, f"settings.{name}", base=base)
+        check_decode(out[name], has_head, mask_id, f"settings.{name}")
     return out
 
 
@@ -79,6 +69,8 @@ def _mean(xs: list) -> float | None:
 
 def summarise(name: str, out: dict, correct: list[bool], ar: dict | None) -> dict[str, Any]:
     """The flat ``<name>/...`` metrics of one decoding run (``ar``: the AR run it is compared with)."""
+    from fluid.eval.reference import identical_fraction
+
     rows = out["rows"]
     m = {"accuracy": sum(correct) / len(correct), "tpf": out["tpf"], "tokens_per_s": out["tokens_per_s"],
          "wall_time_s": out["wall_time_s"], "generated_tokens": out["generated_tokens"], "nfe": out["nfe"],
@@ -86,7 +78,7 @@ def summarise(name: str, out: dict, correct: list[bool], ar: dict | None) -> dic
          "mean_horizon": _mean([h for r in rows for h in r.horizons])}
     if ar is not None:
         m["speedup_vs_ar"] = out["tokens_per_s"] / ar["tokens_per_s"]
-        m["identical_to_ar"] = sum(a == b for a, b in zip(out["tokens"], ar["tokens"])) / len(rows)
+        m["identical_to_ar"] = identical_fraction(out["tokens"], ar["tokens"])
     return {f"{name}/{k}": v for k, v in m.items()}
 
 
@@ -114,7 +106,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     from fluid.checkpoint import load_fluid
-    from fluid.decoding import FluidDecoder
     from fluid.eval import report
     from fluid.utils.build import build, instantiate_dict
     from fluid.utils.runinfo import write_json, write_jsonl
@@ -125,11 +116,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
         raise FluidConfigError("limit", f"must be a positive integer or null, got {cfg.limit!r}")
     torch.manual_seed(cfg.seed)
     bench = build(cfg.benchmark)
-    base = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
-    try:
-        base.validate()
-    except ValueError as e:
-        raise FluidConfigError("decode", str(e)) from None
+    base = decode_config(OmegaConf.to_container(cfg.decode, resolve=True))
     if base.algorithm == "ar" or (base.algorithm == "published" and base.batch_size != 1):
         raise FluidConfigError("decode.algorithm", f"{base.algorithm!r}: the settings are compared with AR at the same "
                                "batching", "use fluid, or published with decode.batch_size=1 (it decodes one prompt "
@@ -137,7 +124,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     samples = bench.samples(cfg.limit)
     fm = load_fluid(cfg.checkpoint, device=device, dtype=dtype)
     tok = fm.tokenizer
-    settings = decoder_settings(cfg, base, fm.head is not None) if bench.mode == "generate" else {}
+    settings = decoder_settings(cfg, base, fm.head is not None, fm.mask_token_id) if bench.mode == "generate" else {}
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     ids = [bench.encode(s, tok) for s in samples]
     meta = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "n_samples": len(samples), "mode": bench.mode,
@@ -158,8 +145,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
         records, names = _loglikelihood(bench, fm, samples, ids, base.batch_size, metrics, cfg.progress)
         x_label, x_key = "samples/s (log-likelihood scoring)", "samples_per_s"
     else:
-        dec = FluidDecoder(fm.model, tok, head=fm.head, mask_token_id=fm.mask_token_id, config=base,
-                           stop_strings=list(bench.stop_strings))
+        _, dec = build_decoder(cfg.checkpoint, base, stop_strings=list(bench.stop_strings), fm=fm)
         peers = _baselines(cfg, fm, base, bench, settings)
         for dcfg in settings.values():  # window=cost measures the model's forward-cost curve once, untimed
             dec.calibrate([base.batch_size], **_fields(dcfg))
@@ -216,13 +202,14 @@ def _baselines(cfg: DictConfig, fm, base: DecodeConfig, bench, settings: dict) -
 
 def _compare_reference(fm, ids, outs: dict, reference: list[list[int]], batch_size: int, ref_dir) -> dict:
     """``<name>/identical_to_reference`` per setting and ``reference/argmax_agreement`` (fluid/eval/reference.py)."""
+    from fluid.backbones.tokens import pad_token_id
     from fluid.eval.reference import argmax_agreement, identical_fraction
 
     m: dict[str, Any] = {"reference/run_dir": str(Path(ref_dir).resolve())}
     for name, out in outs.items():
         m[f"{name}/identical_to_reference"] = identical_fraction(out["tokens"], reference)
-    pad = fm.tokenizer.pad_token_id if fm.tokenizer.pad_token_id is not None else 0
-    matched, total = argmax_agreement(fm.model, ids, reference, batch_size=min(8, batch_size), pad_id=pad)
+    matched, total = argmax_agreement(fm.model, ids, reference, batch_size=min(8, batch_size),
+                                      pad_id=pad_token_id(fm.tokenizer))
     m.update({"reference/argmax_agreement": matched / max(1, total), "reference/positions": total})
     log.info("reference %s: argmax agreement %.4f over %d positions; identical %s", ref_dir, matched / max(1, total),
              total, {n: round(m[f"{n}/identical_to_reference"], 4) for n in outs})
@@ -287,7 +274,7 @@ def _overrides() -> list[str]:
 
 
 def _fields(dcfg: DecodeConfig) -> dict:
-    return {f: getattr(dcfg, f) for f in DECODE_FIELDS}
+    return asdict(dcfg)
 
 
 def _records(samples, ids, tok, outs: dict, correct: dict) -> list[dict]:

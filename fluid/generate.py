@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, register_resolvers
-from fluid.decoding.config import DecodeConfig, register_decode_config
+from fluid.decoding.config import register_decode_config
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
 register_resolvers()
@@ -59,29 +59,15 @@ def encode(tok, prompt, chat: bool) -> list[int]:
 
 
 def run(cfg: DictConfig) -> dict:
-    from fluid.checkpoint import load_fluid
-    from fluid.decoding import FluidDecoder
-    from fluid.validate import resolve_device, torch_dtype, validate_generate
+    from fluid.decoding.setup import build_decoder, decode_config
+    from fluid.validate import validate_generate
 
     validate_generate(cfg)  # what can be checked before a model is loaded
-    dcfg = DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
-    try:
-        dcfg.validate()
-    except ValueError as e:
-        raise FluidConfigError("decode", str(e)) from None
+    dcfg = decode_config(OmegaConf.to_container(cfg.decode, resolve=True))
     prompts = read_prompts(cfg)
-    fm = load_fluid(cfg.checkpoint, device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype))
-    model, head, tok = fm.model, fm.head, fm.tokenizer
-    mask = fm.mask_token_id if cfg.mask_token_id is None else cfg.mask_token_id  # an explicit id overrides fluid.json
-    vocab = model.get_input_embeddings().num_embeddings
-    if mask is not None and not 0 <= mask < vocab:
-        raise FluidConfigError("mask_token_id", f"{mask} is outside the model's vocabulary (0..{vocab - 1})",
-                               "leave it null to use the checkpoint's")
-    if dcfg.needs_head and head is None:
-        raise FluidConfigError("decode.horizon", "is 'head' but the checkpoint has no K-head",
-                               "use a stage-2 checkpoint or decode.horizon=fixed")
-    ids = [encode(tok, p, cfg.chat) for p in prompts]
-    dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=dcfg, stop_strings=list(cfg.stop_strings))
+    fm, dec = build_decoder(cfg.checkpoint, dcfg, device=cfg.device, dtype=cfg.dtype, mask_token_id=cfg.mask_token_id,
+                            stop_strings=list(cfg.stop_strings))
+    ids = [encode(fm.tokenizer, p, cfg.chat) for p in prompts]
     dec.calibrate([min(dcfg.batch_size, len(ids))])  # window=cost: the forward-cost curve, not in the timing
     out = dec.generate(ids)
     rows = []

@@ -8,6 +8,7 @@ the command line. ``fluid.train`` calls :func:`validate_train`, ``fluid.generate
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -128,21 +129,30 @@ def _cuda_available() -> bool:
 
 def torch_dtype(name, key: str = "dtype"):
     """The torch dtype of a config name (the backbone configs' table: float32/fp32, bfloat16/bf16, ...)."""
+    import torch
+
     from fluid.backbones.spec import DTYPES
 
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
     if name not in DTYPES:
         raise FluidConfigError(key, f"unknown {name!r}", f"use float32 (lossless), bfloat16 or float16 ({', '.join(DTYPES)})")
     return DTYPES[name]
 
 
-def resolve_device(name, key: str = "device") -> str:
-    """``auto`` -> cuda when there is a GPU, else cpu; ``cuda[:N]`` only when CUDA is available."""
-    name = str(name)
+def resolve_device(name, key: str = "device", fallback: bool = False) -> str:
+    """``auto`` (or None) -> cuda when there is a GPU, else cpu; ``cuda[:N]`` only when CUDA is
+    available, except with ``fallback`` (lm-eval's CLI passes cuda:0 unless told otherwise; like
+    its HF model, the lm-eval model then warns and uses the CPU)."""
+    name = "auto" if name is None else str(name)
     if name == "auto":
         return "cuda" if _cuda_available() else "cpu"
     if name != "cpu" and not name.startswith("cuda"):
         raise FluidConfigError(key, f"unknown {name!r}", "use auto, cpu or cuda[:N]")
     if name.startswith("cuda") and not _cuda_available():
+        if fallback:
+            logging.getLogger("fluid").warning("%s=%s: no CUDA device, using cpu", key, name)
+            return "cpu"
         raise FluidConfigError(key, f"{name!r} but CUDA is not available", f"use {key}=cpu or {key}=auto")
     return name
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hydra.utils import instantiate  # noqa: E402
 
-from fluid.checkpoint import load_fluid  # noqa: E402
-from fluid.decoding import DecodeConfig, FluidDecoder  # noqa: E402
+from fluid.decoding import FluidDecoder  # noqa: E402
+from fluid.decoding.setup import build_decoder  # noqa: E402
 from fluid.eval.answers import exact_match  # noqa: E402
 from fluid.generate import encode  # noqa: E402
 from fluid.utils.compose import compose  # noqa: E402
@@ -83,16 +83,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    fm = load_fluid(args.checkpoint, device=args.device, dtype=torch.float32)
-    model, head, tok, mask = fm.model, fm.head, fm.tokenizer, fm.mask_token_id
+    base = dict(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max, confidence=args.confidence,
+                lane_len=args.lane_len, token_budget=args.token_budget or None, compile=args.compile)
+    fm, dec = build_decoder(args.checkpoint, base, device=args.device, dtype="float32")
+    tok, base = fm.tokenizer, dec.config
     src = instantiate(compose("train", ["data=arith"]).data.source)  # the task the model was trained on
     probs = src.task.problems("test", args.n)
     ids = [encode(tok, pr.question, chat=True) for pr in probs]
     answers = [str(pr.answer) for pr in probs]
-    base = DecodeConfig(max_new_tokens=args.max_new_tokens, k_min=args.k_min, k_max=args.k_max,
-                        confidence=args.confidence, lane_len=args.lane_len, token_budget=args.token_budget or None,
-                        compile=args.compile)
-    dec = FluidDecoder(model, tok, head=head, mask_token_id=mask, config=base)
     dec.generate(ids[:4], algorithm="ar", batch_size=4)  # warm-up
     dec.generate(ids[:4], horizon="fixed", fixed_k=min(base.fixed_k, base.k_max), batch_size=4)
     if args.compile:  # compile for the shapes every row will see before anything is timed

@@ -32,41 +32,59 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--cost-curve", type=float, nargs="+", default=CPU_CURVE)
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--out", default="outputs/bench/learning_curve.json")
+    ap.add_argument("--append", action="store_true",
+                    help="add these rows to those already in --out (a checkpoint evaluated as its run reaches it)")
+    ap.add_argument("--reference", default=None,
+                    help="a JSON file caching the original model's greedy tokens (exact mode), reused by later calls")
     args = ap.parse_args(argv)
     if len(args.steps) != len(args.checkpoints) or (args.labels and len(args.labels) != len(args.checkpoints)):
         ap.error("--checkpoints, --steps (and --labels) need one entry each")
 
-    from fluid.checkpoint import load_fluid
-    from fluid.decoding import DecodeConfig, FluidDecoder
+    from fluid.decoding.setup import build_decoder
     from fluid.utils.build import build
     from fluid.utils.compose import compose
 
     bench = build(compose("evaluate", [f"benchmark={args.benchmark}"]).benchmark)
     samples = bench.samples(args.limit)
-    rows = []
-    for i, (ckpt, step) in enumerate(zip(args.checkpoints, args.steps)):
-        fm = load_fluid(ckpt)
-        ids = [bench.encode(s, fm.tokenizer) for s in samples]
-        dec = FluidDecoder(fm.model, fm.tokenizer, head=fm.head, mask_token_id=fm.mask_token_id,
-                           config=DecodeConfig(batch_size=1, max_new_tokens=args.max_new_tokens),
-                           stop_strings=list(bench.stop_strings))
-        ref = dec.generate(ids, algorithm="ar")["tokens"]
-        row = {"series": args.labels[i] if args.labels else "run", "step": step, "checkpoint": ckpt}
-        for name, ov in SETTINGS.items():
-            out = dec.generate(ids, cost_curve=args.cost_curve, **ov)
-            if out["tokens"] != ref:
-                raise SystemExit(f"{ckpt} {name}: not identical to greedy AR (a decoding bug)")
-            row[f"{name}/tpf"] = out["tpf"]
-        acc = next(a for k, a in dec._acceptance.items() if not k[0])  # the lanes-only setting's counts
-        row["lane_depth_acceptance"] = (acc.depth_a[1:5] / acc.depth_n[1:5]).round(3).tolist()
-        rows.append(row)
-        print(f"{row['series']:>10} step {step:>5}: TPF lanes {row['lanes/tpf']:.3f}, lanes+ngram "
-              f"{row['lanes_ngram/tpf']:.3f}, lane acceptance by depth {row['lane_depth_acceptance']}", flush=True)
     out = Path(args.out)
+    key = {"benchmark": args.benchmark, "limit": args.limit, "max_new_tokens": args.max_new_tokens}
+    old = json.loads(out.read_text()) if args.append and out.exists() else None
+    if old is not None and {k: old.get(k) for k in key} != key:
+        raise SystemExit(f"--append: {out} was measured with {({k: old.get(k) for k in key})}, not {key}")
+    rows, original = (old["rows"] if old else []), None
+    ref_file = Path(args.reference) if args.reference else None
+    if ref_file and ref_file.exists():
+        cached = json.loads(ref_file.read_text())
+        original = cached["tokens"] if {k: cached.get(k) for k in key} == key else None
+    for i, (ckpt, step) in enumerate(zip(args.checkpoints, args.steps)):
+        fm, dec = build_decoder(ckpt, {"batch_size": 1, "max_new_tokens": args.max_new_tokens}, device="cpu",
+                                stop_strings=list(bench.stop_strings))
+        ids = [bench.encode(s, fm.tokenizer) for s in samples]
+        # exact mode: greedy AR of every checkpoint is the original model's, decoded once
+        exact = fm.meta.lane_adapter is not None
+        ref = original if exact and original is not None else dec.generate(ids, algorithm="ar")["tokens"]
+        if exact and original is None and ref_file:
+            ref_file.parent.mkdir(parents=True, exist_ok=True)
+            ref_file.write_text(json.dumps({**key, "tokens": ref}))
+        original = ref if exact else original
+        row = {"series": args.labels[i] if args.labels else "run", "step": step, "checkpoint": ckpt}
+        for name in args.settings:
+            res = dec.generate(ids, cost_curve=args.cost_curve, **SETTINGS[name])
+            if res["tokens"] != ref:
+                raise SystemExit(f"{ckpt} {name}: not identical to greedy AR (a decoding bug)")
+            row[f"{name}/tpf"] = res["tpf"]
+        # lane drafts accepted by depth, from the first setting's counts (n-gram drafts are counted apart)
+        acc = next(iter(dec._acceptance.values()))
+        row["lane_depth_acceptance"] = (acc.depth_a[1:5] / acc.depth_n[1:5].clip(min=1)).round(3).tolist()
+        rows = [r for r in rows if (r["series"], r["step"]) != (row["series"], step)] + [row]
+        tpfs = ", ".join(f"{n} {row[f'{n}/tpf']:.3f}" for n in args.settings)
+        print(f"{row['series']:>10} step {step:>5}: TPF {tpfs}, lane acceptance by depth "
+              f"{row['lane_depth_acceptance']}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": args.benchmark, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-              "cost_curve": args.cost_curve, "rows": rows}
+    rows.sort(key=lambda r: (r["series"], r["step"]))
+    result = {**key, "cost_curve": args.cost_curve, "rows": rows}
     out.write_text(json.dumps(result, indent=2))
     _plot(rows, out.with_suffix(".png"))
     print(f"written {out} and {out.with_suffix('.png')}")
@@ -83,6 +101,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     for series in dict.fromkeys(r["series"] for r in rows):
         rs = [r for r in rows if r["series"] == series]
         for name, style in (("lanes", "o-"), ("lanes_ngram", "s--")):
+            if f"{name}/tpf" not in rs[0]:
+                continue
             ax.plot([r["step"] for r in rs], [r[f"{name}/tpf"] for r in rs], style, label=f"{series} {name}")
     ax.set_xlabel("stage-1 step")
     ax.set_ylabel("tokens per forward (batch 1)")

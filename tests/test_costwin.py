@@ -68,7 +68,7 @@ def test_training_free_ngram_on_a_checkpoint_without_mask():
     ref = ar_reference(model, ps, 20)
     out = decoder(model, mask=False, ngram=True, batch_size=3, max_new_tokens=20, cost_curve=CHEAP).generate(ps)
     assert out["tokens"] == ref
-    with pytest.raises(ValueError, match="no mask token"):
+    with pytest.raises(ValueError, match="no MASK token"):
         decoder(model, mask=False, batch_size=3, max_new_tokens=20).generate(ps)
     with pytest.raises(ValueError, match="decode.window=cost"):
         DecodeConfig(ngram=True).validate()

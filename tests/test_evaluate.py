@@ -331,7 +331,7 @@ def test_evaluate_gsm8k_and_mmlu_fixtures(tmp_path, tiny_stage2, gsm8k_dir):
 def test_evaluate_refuses_bad_settings(tmp_path, tiny_stage2):
     with pytest.raises(FluidConfigError, match=r"settings.fast: unknown decode field\(s\) \['k_maxx'\]"):
         run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "+settings.fast={k_maxx:4}"])
-    with pytest.raises(FluidConfigError, match="settings.fluid: uses horizon=head but the checkpoint has no K-head"):
+    with pytest.raises(FluidConfigError, match="settings.fluid.horizon: is .head. but the checkpoint has no K-head"):
         run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2.parent / 'stage1'}"])
     with pytest.raises(FluidConfigError, match=r"settings.b1: sets \['batch_size'\], which AR and every setting share"):
         run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "+settings.b1={batch_size:1}"])

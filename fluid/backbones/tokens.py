@@ -1,4 +1,5 @@
-"""The MASK token: resolve the configured one, or add it (docs/method.md section 1)."""
+"""The special tokens' rules: the MASK token (resolve the configured one, or add it; docs/method.md
+section 1) and the pad id of a batch."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def resolve_mask_token(tokenizer, model, mask_token: str | int | None) -> tuple[
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     log.info("added mask token %r as id %d (vocabulary %d)", mask_token, mask_id, len(tokenizer))
     return mask_id, True
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (every decoder masks pads)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise FluidConfigError("tokenizer", "has neither a pad nor an EOS token", "set one in the checkpoint's tokenizer")
+    return tokenizer.eos_token_id
 
 
 def num_embeddings(model) -> int:

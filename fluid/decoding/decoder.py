@@ -10,11 +10,13 @@ from typing import Sequence
 
 import torch
 
+from fluid.backbones.tokens import pad_token_id
 from fluid.checkpoint import mask_token_id as resolve_mask_id
 from fluid.decoding import ar, costwin, fluid, published
 from fluid.decoding.config import DecodeConfig
 from fluid.decoding.cost import ForwardCost
 from fluid.decoding.horizon import horizon_source
+from fluid.decoding.setup import check_decode
 from fluid.decoding.state import Context, DecodeBatch, RowStats, StopRule, decode_result, visible_text
 
 ALGORITHMS = {"fluid": fluid, "ar": ar, "published": published}
@@ -35,7 +37,7 @@ class FluidDecoder:
         self.model, self.tokenizer, self.head = model.eval(), tokenizer, head
         self.mask_id = resolve_mask_id(mask_token_id, tokenizer)
         self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.pad_id = pad_token_id(tokenizer)
         self.config = (config or DecodeConfig()).validate()
         self.stop_strings = list(stop_strings)
         self._compiled = None
@@ -48,9 +50,7 @@ class FluidDecoder:
         ``overrides`` are :class:`DecodeConfig` fields for this call; ``progress``: a label, to
         show a progress bar (prompts done) under it on stderr."""
         cfg = replace(self.config, **overrides).validate() if overrides else self.config
-        if cfg.needs_mask and self.mask_id is None:
-            raise ValueError("the tokenizer has no mask token; pass mask_token_id (see the checkpoint's fluid.json), "
-                             "or decode training-free with decode.window=cost decode.ngram=true")
+        check_decode(cfg, self.head is not None, self.mask_id, key="")
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p)
                for p in prompts]
         if cfg.horizon == "oracle" and reference is None:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from fluid.backbones.tokens import pad_token_id
 from fluid.decoding.state import RowStats, decode_result, visible_text
 
 BASELINES = ("hf_greedy", "hf_prompt_lookup")
@@ -29,7 +30,7 @@ class HFBaseline:
         self.max_new_tokens, self.stop_strings = max_new_tokens, [s for s in stop_strings if s]
         self.prompt_lookup, self.ngram_size = prompt_lookup, ngram_size
         self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.pad = pad_token_id(tokenizer)
 
     def _kwargs(self, max_new_tokens: int) -> dict:
         kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,

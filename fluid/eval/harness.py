@@ -113,8 +113,7 @@ class FluidLM(TemplateLM):
                  trust_remote_code: bool = False, **decode):
         # max_batch_size, trust_remote_code: passed by lm-eval's evaluator / CLI, not used
         super().__init__()
-        from fluid.checkpoint import load_fluid
-        from fluid.decoding import FluidDecoder
+        from fluid.decoding.setup import build_decoder, decode_config
 
         unknown = sorted(set(decode) - set(DECODE_KEYS))
         if unknown:
@@ -124,39 +123,17 @@ class FluidLM(TemplateLM):
             from fluid.utils.compose import compose
 
             checkpoint = str(compose("generate").checkpoint)
-        if device in (None, "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif str(device).startswith("cuda") and not torch.cuda.is_available():
-            # lm-eval's CLI passes device=cuda:0 unless told otherwise; like its HF model, fall back
-            log.warning("device %s: no CUDA device, using cpu", device)
-            device = "cpu"
-        if isinstance(dtype, str):
-            from fluid.validate import torch_dtype
-
-            dtype = torch_dtype(dtype)
         self._batch_size = _int_or(batch_size, DEFAULT_BATCH_SIZE)
         if self._batch_size < 1:
             raise FluidConfigError("batch_size", f"must be >= 1, got {batch_size!r}")
-        try:
-            cfg = DecodeConfig(batch_size=self._batch_size, max_new_tokens=_int_or(max_new_tokens, 0),
-                               **{k: _coerce(k, v) for k, v in decode.items()}).validate()
-        except ValueError as e:
-            if isinstance(e, FluidConfigError):
-                raise
-            raise FluidConfigError("decode", str(e)) from None
-
-        fm = load_fluid(checkpoint, device=device, dtype=dtype)
+        cfg = decode_config({"batch_size": self._batch_size, "max_new_tokens": _int_or(max_new_tokens, 0),
+                             **{k: _coerce(k, v) for k, v in decode.items()}}, key="model_args")
+        mask = None if mask_token_id is None else _int_or(mask_token_id, -1)
+        fm, self.decoder = build_decoder(checkpoint, cfg, device=device, dtype=dtype, mask_token_id=mask, key="",
+                                         device_fallback=True)
         self.model, self.head, self.tokenizer, self.meta, self.path = fm.model, fm.head, fm.tokenizer, fm.meta, fm.path
-        mask = fm.mask_token_id if mask_token_id is None else int(mask_token_id)
-        if cfg.needs_head and self.head is None:
-            raise FluidConfigError("horizon", "is 'head' but the checkpoint has no K-head",
-                                   "use a stage-2 checkpoint or pass horizon=fixed in --model_args")
-        if cfg.needs_mask and mask is None:
-            raise FluidConfigError("mask_token_id", "the checkpoint's tokenizer has no MASK token",
-                                   "pass mask_token_id=ID or algorithm=ar")
         self.decode_config = cfg
-        self.decoder = FluidDecoder(self.model, self.tokenizer, head=self.head, mask_token_id=mask, config=cfg)
-        self._device = torch.device(device)
+        self._device = self.model.device
         self._max_length = _int_or(max_length, 0) or None
         self.add_bos_token = _bool("add_bos_token", add_bos_token)
         self._warned: set[str] = set()

@@ -49,7 +49,11 @@ def load_reference(run_dir: str | Path, sample_ids: list, prompts: list[str]) ->
 
 
 def identical_fraction(tokens: list[list[int]], reference: list[list[int]]) -> float:
-    return sum(a == b for a, b in zip(tokens, reference)) / max(1, len(reference))
+    """The fraction of prompts whose output tokens equal the reference's (the one definition of
+    ``identical_to_ar`` and ``identical_to_reference``)."""
+    if len(tokens) != len(reference):
+        raise ValueError(f"{len(tokens)} outputs compared with {len(reference)} references")
+    return sum(list(a) == list(b) for a, b in zip(tokens, reference)) / max(1, len(reference))
 
 
 @torch.no_grad()
