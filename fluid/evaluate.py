@@ -37,10 +37,7 @@ def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool, mask_i
     if not raw:  # settings=null: AR greedy alone (a plain or stage-0 model's accuracy and speed)
         return {}
     shared = ["algorithm", "batch_size", "compile", "max_new_tokens"]
-    confidences = list(cfg.get("confidences") or [])
-    for c in confidences:
-        if isinstance(c, bool) or not isinstance(c, (int, float)):
-            raise FluidConfigError("confidences", f"must be a list of numbers in [0, 1], got {c!r}")
+    confidences = list(cfg.get("confidences") or [])  # checked by validate_evaluate
     settings = {}
     for name, ov in raw.items():
         if ov is not None and not isinstance(ov, dict):
@@ -109,11 +106,10 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     from fluid.eval import report
     from fluid.utils.build import build, instantiate_dict
     from fluid.utils.runinfo import write_json, write_jsonl
-    from fluid.validate import resolve_device, torch_dtype
+    from fluid.validate import resolve_device, torch_dtype, validate_evaluate
 
+    validate_evaluate(cfg)
     dtype, device = torch_dtype(cfg.dtype), resolve_device(cfg.device)
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise FluidConfigError("limit", f"must be a positive integer or null, got {cfg.limit!r}")
     torch.manual_seed(cfg.seed)
     bench = build(cfg.benchmark)
     base = decode_config(OmegaConf.to_container(cfg.decode, resolve=True))
@@ -226,10 +222,10 @@ def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progre
     setting alike instead of whichever ran then. Batches are the same as in one pass. With
     ``repeats`` > 1 each round runs every setting that many times and its fastest run counts;
     decoding is deterministic, so the tokens must agree."""
-    if not isinstance(repeats, int) or repeats < 1:
-        raise FluidConfigError("repeats", f"must be an integer >= 1, got {repeats!r}")
-    if interleave is not None and (isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 0):
-        raise FluidConfigError("interleave", f"must be a number of prompts >= 0 or null, got {interleave!r}")
+    from fluid.validate import check
+
+    check("repeats", repeats)
+    check("interleave", interleave)
     names = list(settings)
     bs = max(d.batch_size for d in settings.values() if isinstance(d, DecodeConfig))
     chunk = max(1, len(ids)) if not interleave else -(-interleave // bs) * bs

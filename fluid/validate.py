@@ -49,7 +49,9 @@ def one_of(*options: str) -> tuple[Callable[[Any], bool], str]:
 
 
 INF = math.inf
-# key -> (check, what it must be); a key the composed config does not have is not checked
+# key -> (check, what it must be). A key the composed config does not have is not checked (a stage
+# or data group without it); tests/test_configs.py composes every stage and entry point and fails
+# when a rule's key resolves in none of them (a renamed key would otherwise drop its check silently).
 TRAIN_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": int_at_least(0),
     "trainer.max_steps": int_at_least(1),
@@ -110,6 +112,28 @@ GROUP_RULES = {
 TRAIN_KEYS = {"recipe_groups", "ckpt_path", "task_name", "run_name", "run_tags", "seed", "test", "publish", "paths",
               "stage", "backbone", "data", "masking", "tau", "trainer", "strategy", "logger", "callbacks", "debug",
               "experiment", "optimized_metric", "hydra"}
+
+
+# fluid.evaluate's own keys (its decode settings are checked by fluid/decoding/setup.py)
+EVALUATE_RULES = {
+    "limit": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be a positive integer or null"),
+    "repeats": int_at_least(1),
+    "interleave": ((lambda v: v is None or (_is_int(v) and v >= 0)), "must be a number of prompts >= 0 or null"),
+    "warmup": int_at_least(0),
+    "confidences": ((lambda v: v is None or ((OmegaConf.is_list(v) or isinstance(v, (list, tuple))) and all(
+        _is_num(c) and 0 <= c <= 1 for c in v))), "must be a list of numbers in [0, 1] or null"),
+    "prompt_lookup_tokens": ((lambda v: v is None or (_is_int(v) and v >= 1)), "must be an integer >= 1 or null"),
+}
+ALL_RULES = {**TRAIN_RULES, **LORA_RULES, **{k: r for g in GROUP_RULES.values() for k, r in g.items()},
+             **EVALUATE_RULES}
+
+
+def check(key: str, value) -> None:
+    """The rule of config key ``key`` applied to ``value``: constructors that take a value from
+    the config call this instead of repeating the range (one definition per rule)."""
+    ok, must = ALL_RULES[key]
+    if not ok(value):
+        raise FluidConfigError(key, f"{must}, got {value!r}")
 
 
 def check_rules(cfg: DictConfig, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
@@ -211,6 +235,13 @@ def validate_train(cfg: DictConfig) -> None:
         check_rules(cfg, GROUP_RULES.get(group, {}))
     check_devices(cfg)
     check_init_checkpoint(cfg)
+
+
+def validate_evaluate(cfg: DictConfig) -> None:
+    """``fluid.evaluate``: its own keys, device and dtype (the decode settings: fluid/decoding/setup.py)."""
+    check_rules(cfg, EVALUATE_RULES)
+    resolve_device(cfg.device)
+    torch_dtype(cfg.dtype)
 
 
 def validate_generate(cfg: DictConfig) -> None:

@@ -265,3 +265,45 @@ def test_a_recipe_for_another_stage_is_refused_in_one_line():
     assert check_group_overrides(["experiment=tiny_stage1", "stage=1"]) is None
     assert check_group_overrides(["experiment=tiny_stage0"]) is None  # stage 0 and tiny are the defaults
     assert check_group_overrides(["experiment=smollm2_gsm8k_ar", "stage=2"]) is None  # not a recipe
+
+
+def _compose_named(config_name: str, overrides: list[str]) -> DictConfig:
+    from fluid.utils.compose import compose
+
+    return compose(config_name, overrides)
+
+
+def test_every_validation_rule_names_a_key_the_configs_have(tmp_path):
+    """A rule whose key resolves in no composed config checks nothing: a key renamed in ``conf/``
+    without renaming its rule would drop the check silently (validate.py skips a missing key,
+    since not every stage or data group has every key). Every stage, data group and entry point
+    composes here, and every rule's key must resolve in at least one of them."""
+    from fluid.validate import ALL_RULES
+
+    configs = [_compose_named("evaluate", []), _compose_named("generate", [])]
+    for stage in ("0", "1", "2"):
+        for data in ("arith", "gsm8k", "jsonl"):
+            extra = ["data.source.train_path=x.jsonl"] if data == "jsonl" else []
+            configs.append(_compose_named("train", [f"stage={stage}", f"data={data}", *extra]))
+    missing = [key for key in ALL_RULES
+               if all(OmegaConf.select(c, key, default="<missing>", throw_on_missing=False) == "<missing>"
+                      for c in configs)]
+    assert not missing, f"validation rules whose key no config has (renamed in conf/?): {missing}"
+
+
+def test_constructors_apply_the_validators_rules():
+    """A value that reaches a constructor without ``validate_train`` (Python use) fails with the
+    same one line as the config check: one definition of each range."""
+    from fluid.khead.frozen import resolve_lane_forward
+    from fluid.modules.lora import LoraSettings
+    from fluid.modules.optim import OptimConfig, build_optimizer
+    from fluid.validate import ALL_RULES
+
+    cases = [("stage.module.lora.scope", lambda: LoraSettings(scope="everything")),
+             ("stage.module.optim.scheduler",
+              lambda: build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(scheduler="linear"), 10)),
+             ("stage.module.lane_forward", lambda: resolve_lane_forward("sideways", "cpu"))]
+    for key, make in cases:
+        with pytest.raises(FluidConfigError) as e:
+            make()
+        assert str(e.value).startswith(f"{key}: {ALL_RULES[key][1]}, got ")

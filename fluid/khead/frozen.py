@@ -27,7 +27,6 @@ from fluid.lanes.attention import AttentionBackend, attention_mask_for
 from fluid.lanes.expand import LaneBatch
 from fluid.nn import IGNORE, decoder_and_lm_head, to_float_mask, token_ce
 
-LANE_FORWARDS = ("auto", "prefix", "expanded")
 # prefix forward sizes (measured on CPU with the tiny backbone): each chunk copies its rows' KV cache
 # once per sequence, so lanes of a row share a sequence of up to SEQ_TOKENS slots, LANE_CHUNK lanes a forward
 LANE_CHUNK = 64
@@ -35,8 +34,9 @@ SEQ_TOKENS = 64
 
 
 def resolve_lane_forward(name: str, device) -> str:
-    if name not in LANE_FORWARDS:
-        raise ValueError(f"stage.module.lane_forward: unknown {name!r} (choose from {', '.join(LANE_FORWARDS)})")
+    from fluid.validate import check
+
+    check("stage.module.lane_forward", name)
     if name == "auto":
         return "expanded" if torch.device(device).type == "cuda" else "prefix"
     return name

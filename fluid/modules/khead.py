@@ -19,6 +19,7 @@ from fluid.khead import KHead, k_star, kl_to_soft_labels, soft_labels
 from fluid.khead.frozen import LANE_CHUNK, expanded_lane_losses, prefix_lane_losses, resolve_lane_forward
 from fluid.lanes import AttentionBackend, FullLanes
 from fluid.modules.lanes import LaneModule
+from fluid.validate import check
 
 NO_NOISE = torch.empty(0, dtype=torch.long)  # full lanes are never restored, so never noised
 
@@ -43,14 +44,12 @@ class KHeadModule(LaneModule):
         self.schedule = FullLanes(anchor_prob=anchor_prob, horizon=self.horizon)
         self.backend = AttentionBackend(attention)
         resolve_lane_forward(lane_forward, "cpu")  # a bad name fails here, not at the first step
-        if lane_chunk < 1:
-            raise ValueError(f"stage.module.lane_chunk must be >= 1, got {lane_chunk}")
+        check("stage.module.lane_chunk", lane_chunk)
         self.lane_forward, self.lane_chunk = lane_forward, lane_chunk
         # validation also reports the mean target K at these thresholds, on the same lanes: what a
         # tau sweep would train towards, from one frozen forward instead of one run per tau
+        check("stage.module.target_k_taus", target_k_taus)
         self.target_k_taus = [float(t) for t in (target_k_taus or [])]
-        if any(not t > 0 for t in self.target_k_taus):
-            raise ValueError(f"stage.module.target_k_taus must be numbers > 0, got {target_k_taus}")
         self.seed = seed
         self.head: KHead | None = None
         self.save_hyperparameters({"tau": self.tau, "sigma": self.sigma, "horizon": self.horizon,

@@ -20,14 +20,13 @@ class LoraSettings:
     scope: str = "all"  # all | lanes (exact mode)
 
     def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise ValueError(f"stage.module.lora.scope: unknown {self.scope!r} ({' | '.join(SCOPES)})")
+        from fluid.validate import check
+
+        check("stage.module.lora.scope", self.scope)
         if self.scope == "lanes" and not self.enabled:
             raise ValueError("stage.module.lora.scope=lanes needs stage.module.lora.enabled=true (exact mode gates "
                              "a LoRA update; full fine-tuning changes the weights every token uses)")
 
-
-SCOPES = ("all", "lanes")
 
 
 def apply_lora(model, settings: LoraSettings, trainable_token_ids: list[int], added_token_ids: list[int] = ()):

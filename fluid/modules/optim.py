@@ -28,8 +28,9 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float, cosine: 
 
 
 def build_optimizer(params, cfg: OptimConfig, total_steps: int):
-    if cfg.scheduler not in ("cosine", "constant"):
-        raise ValueError(f"module.optim.scheduler: unknown {cfg.scheduler!r} (cosine | constant)")
+    from fluid.validate import check
+
+    check("stage.module.optim.scheduler", cfg.scheduler)
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     warmup = int(cfg.warmup_ratio * total_steps)
