@@ -222,5 +222,5 @@ def test_lanes_scope_needs_lora():
 
     with pytest.raises(ValueError, match="scope=lanes needs stage.module.lora.enabled=true"):
         LoraSettings(enabled=False, scope="lanes")
-    with pytest.raises(ValueError, match="unknown 'some'"):
+    with pytest.raises(ValueError, match=r"must be one of all \| lanes, got 'some'"):
         LoraSettings(scope="some")

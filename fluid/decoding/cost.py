@@ -14,6 +14,8 @@ import time
 import numpy as np
 import torch
 
+from fluid.backbones.compat import kv_cache
+
 CURVE_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16)
 BUCKETS = (1, 4, 16, 64)
 
@@ -33,7 +35,7 @@ def time_forwards(model, batch: int, cache: int, tokens: int, repeats: int, voca
             kv = DynamicCache()
             prompt = torch.randint(0, vocab, (batch, cache), generator=g).to(device)
             model(input_ids=prompt, position_ids=torch.arange(cache, device=device).expand(batch, -1),
-                  past_key_values=kv, use_cache=True)
+                  **kv_cache(kv), use_cache=True)
         new = torch.randint(0, vocab, (batch, tokens), generator=g).to(device)
         if mask_id is not None:
             new[:, -1] = mask_id
@@ -43,7 +45,7 @@ def time_forwards(model, batch: int, cache: int, tokens: int, repeats: int, voca
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            model(input_ids=new, position_ids=pos, past_key_values=kv, use_cache=True)
+            model(input_ids=new, position_ids=pos, **kv_cache(kv), use_cache=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             out.append(time.perf_counter() - t)
@@ -65,7 +67,7 @@ def measure_curve(model, batch: int, cache: int = 200, tokens=CURVE_TOKENS, repe
     with torch.inference_mode():
         prompt = torch.randint(0, vocab, (batch, cache), generator=torch.Generator().manual_seed(1)).to(device)
         model(input_ids=prompt, position_ids=torch.arange(cache, device=device).expand(batch, -1),
-              past_key_values=kv, use_cache=True)
+              **kv_cache(kv), use_cache=True)
     time_forwards(model, batch, cache, 1, 1, vocab, kv)  # warm-up
     kinds = [None] if mask_id is None else [None, mask_id]
     times: dict[tuple, list[float]] = {(k, q): [] for k in kinds for q in tokens}

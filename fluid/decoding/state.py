@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from fluid.backbones.compat import kv_cache
 from fluid.nn import decoder_and_lm_head, to_float_mask
 
 COMPACT_MIN = 64    # a cache shorter than this is never compacted (the gather costs more than the holes)
@@ -191,7 +192,7 @@ class DecodeBatch:
                                  new_valid[:, None, :]], dim=-1)
             allowed[:, :, t:] |= torch.eye(q, dtype=torch.bool, device=self.device)[None]  # never fully blocked
             mask = to_float_mask(allowed, self.dtype)
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, **kv_cache(self.cache),
                            use_cache=True)
         if new_valid is None:
             new_valid = torch.ones((b, q), dtype=torch.bool, device=self.device)

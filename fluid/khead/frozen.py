@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from fluid.backbones.compat import kv_cache
 from fluid.khead.targets import lane_slot_losses, lane_slots
 from fluid.lanes.attention import AttentionBackend, attention_mask_for
 from fluid.lanes.expand import LaneBatch
@@ -103,7 +104,7 @@ def prefix_lane_losses(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     allowed |= torch.eye(n, dtype=torch.bool, device=dev)[None]  # padding queries: never a fully blocked row
     cache = DynamicCache()
     out = decoder(input_ids=input_ids, attention_mask=to_float_mask(allowed, dtype), position_ids=idx.expand(b, n),
-                  past_key_values=cache, use_cache=True)
+                  **kv_cache(cache), use_cache=True)
     main_hidden = out.last_hidden_state
     rows, anchor_pos, inputs, targets, lengths = lanes_of(lb, horizon, mask_token_id)
     a = len(rows)
@@ -162,7 +163,7 @@ def prefix_lane_losses(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         for layer_idx, layer in enumerate(cache.layers):
             sub.update(layer.keys[g_row, :, :nc], layer.values[g_row, :, :nc], layer_idx)
         h = decoder(input_ids=ids, attention_mask=to_float_mask(allowed, dtype), position_ids=pos,
-                    past_key_values=sub, use_cache=True).last_hidden_state
+                    **kv_cache(sub), use_cache=True).last_hidden_state
         keep = tgt != IGNORE                                    # the LM head only where a slot has a target
         ce = torch.zeros((c, width), device=dev)
         ce[keep] = torch.nn.functional.cross_entropy(lm_head(h[keep]).float(), tgt[keep], reduction="none")

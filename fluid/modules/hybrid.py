@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from fluid.backbones.compat import kv_cache
 from fluid.backbones.tokens import noise_token_ids, num_embeddings, resolve_mask_token
 from fluid.checkpoint import CheckpointMeta
 from fluid.exact import LANE_ADAPTER_DIR, save_and_unload
@@ -154,7 +155,7 @@ def two_pass_lane_losses(model, lb: LaneBatch, pad_token_id: int, cfg: LaneLoss 
         targets = torch.gather(lb.targets, 1, idx).masked_fill(~ok, IGNORE)
         pos = torch.gather(lb.position_ids, 1, idx)
         h = decoder(input_ids=ids, attention_mask=to_float_mask(sp[f"{kind}_allowed"], dtype),
-                    position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+                    position_ids=pos, **kv_cache(cache), use_cache=True).last_hidden_state
         keep = targets != IGNORE
         return lm_head(h[keep]).float(), targets, keep, pos, torch.gather(lb.slot, 1, idx)
 
