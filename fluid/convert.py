@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.utils.build import build
-from fluid.utils.errors import FluidConfigError, one_line_errors
+from fluid.utils.errors import FluidConfigError, FluidRunError, one_line_errors
 
 log = logging.getLogger("fluid.convert")
 # wrappers that may prefix a module's keys in a gathered state dict (Lightning < 2.1, FSDP)
@@ -68,7 +68,7 @@ def check_finite(module) -> None:
 
     for name, p in module.named_parameters():
         if not torch.isfinite(p).all():
-            raise FluidConfigError("optim.lr", f"the trained weights are not finite ({name})",
+            raise FluidRunError("optim.lr", f"the trained weights are not finite ({name})",
                                    "lower optim.lr or check the data; nothing was published")
 
 

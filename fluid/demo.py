@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, expand_recipe, quote_numeric_group_overrides, register_resolvers
-from fluid.utils.errors import FluidConfigError, one_line_errors
+from fluid.utils.errors import FluidConfigError, FluidRunError, one_line_errors
 
 log = logging.getLogger("fluid.demo")
 ROWS = ("ar_prior", "ar_stage1", "fluid", "fluid_fixed_k", "fluid_noverify")
@@ -105,7 +105,8 @@ class Step:
         seconds = time.perf_counter() - t0
         if r.returncode != 0:
             tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
-            raise FluidConfigError(self.name, f"failed with exit code {r.returncode}: {tail[0]}", f"see {log_path}")
+            kind = FluidConfigError if r.returncode == FluidConfigError.exit_code else FluidRunError  # the child's kind
+            raise kind(self.name, f"failed with exit code {r.returncode}: {tail[0]}", f"see {log_path}")
         (self.run_dir / "fingerprint").write_text(self.fingerprint + "\n")
         print(f"[demo] {self.name}: done in {seconds:.0f} s (log: {log_path})", flush=True)
         return {"seconds": seconds, "reused": False}

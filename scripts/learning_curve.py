@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         cached = json.loads(ref_file.read_text())
         original = cached["tokens"] if {k: cached.get(k) for k in key} == key else None
     for i, (ckpt, step) in enumerate(zip(args.checkpoints, args.steps)):
-        fm, dec = build_decoder(ckpt, {"batch_size": 1, "max_new_tokens": args.max_new_tokens}, device="cpu",
-                                stop_strings=list(bench.stop_strings))
+        fm, dec = build_decoder(ckpt, {"batch_size": 1, "max_new_tokens": args.max_new_tokens,
+                                       **SETTINGS[args.settings[0]]}, device="cpu", stop_strings=list(bench.stop_strings))
         ids = [bench.encode(s, fm.tokenizer) for s in samples]
         # exact mode: greedy AR of every checkpoint is the original model's, decoded once
         exact = fm.meta.lane_adapter is not None

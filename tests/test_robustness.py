@@ -146,7 +146,7 @@ def test_non_finite_loss_stops_with_the_step_and_publishes_nothing(tmp_path, cap
                                    "data.source.n_val=8", "test=false", f"paths.cache_dir={cache_dir}",
                                    "trainer.enable_progress_bar=false"], tmp_path, capsys)
     last = err.strip().splitlines()[-1]
-    assert code == 2 and last.startswith("error: optim.lr:") and "at step" in last, err[-2000:]
+    assert code == 3 and last.startswith("failed: optim.lr:") and "at step" in last, err[-2000:]  # a failed run, not bad input
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "run" / "checkpoint").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 

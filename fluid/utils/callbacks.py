@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from fluid.utils.errors import FluidConfigError
+from fluid.utils.errors import FluidRunError
 
 
 class FiniteLoss(L.Callback):
@@ -19,7 +19,7 @@ class FiniteLoss(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).all():
-            raise FluidConfigError("optim.lr", f"the training loss is {loss.item()} at step {trainer.global_step}",
+            raise FluidRunError("optim.lr", f"the training loss is {loss.item()} at step {trainer.global_step}",
                                    "lower optim.lr or check the data; nothing was published")
 
 
