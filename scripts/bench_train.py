@@ -158,6 +158,7 @@ def khead_step(base, head, opt, lb, batch, mask_id, lane_forward, tau=2.8):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return float(loss)
 
 
 def step(model, opt, case, lb, pad_id):
@@ -184,6 +185,7 @@ def step(model, opt, case, lb, pad_id):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return float(loss)
 
 
 def run_case(case, args, queue):
@@ -210,8 +212,9 @@ def run_case(case, args, queue):
         if not case.startswith("khead"):
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             run = lambda: step(model, opt, case, lb, pad_id)  # noqa: E731
+        first_loss = None  # the loss before any update: every case of one model and batch must agree
         for _ in range(args.warmup):
-            run()
+            first_loss = run() if first_loss is None else (run(), first_loss)[1]
         cuda = args.device == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -221,7 +224,8 @@ def run_case(case, args, queue):
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
-            run()
+            loss = run()
+            first_loss = loss if first_loss is None else first_loss
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -229,7 +233,7 @@ def run_case(case, args, queue):
         tokens = int(lb.valid.sum())
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else \
             (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-        queue.put({"case": case, "step_s": t_med, "tokens_per_s": tokens / t_med, "peak_mem_mb": peak / 2**20,
+        queue.put({"case": case, "first_loss": first_loss, "step_s": t_med, "tokens_per_s": tokens / t_med, "peak_mem_mb": peak / 2**20,
                    "expanded_len": lb.length, "tokens": tokens, "peak_kind": "cuda_max_allocated" if cuda else
                    "cpu_rss_growth"})
     except Exception as e:  # noqa: BLE001 - reported in the table

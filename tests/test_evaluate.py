@@ -303,12 +303,22 @@ def test_interleaved_rounds_decode_what_one_pass_decodes(drafting_stage2):
 
 
 def test_evaluate_accuracy_is_scored_on_the_output(tmp_path, tiny_stage2, monkeypatch):
-    """A scorer that accepts every output gives 1.0; the default one on a random model does not."""
+    """Each sample is scored on its own output: a scorer that accepts exactly one sample's output
+    gives 1/3, and that sample alone is marked correct in samples.jsonl, for every setting."""
     from fluid.eval import benchmarks
 
-    monkeypatch.setattr(benchmarks.Arith, "correct", lambda self, s, o: True)
+    seen = {}
+
+    def correct(self, sample, output):
+        seen.setdefault(sample.id, output)
+        return sample.id == "test/1" and output == seen["test/1"]
+
+    monkeypatch.setattr(benchmarks.Arith, "correct", correct)
     m = run_eval(tmp_path, ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=3", "decode.max_new_tokens=8"])
-    assert m["ar/accuracy"] == m["fluid/accuracy"] == 1.0
+    assert m["ar/accuracy"] == m["fluid/accuracy"] == pytest.approx(1 / 3)
+    rows = read_samples(tmp_path)
+    assert [r["id"] for r in rows if r["ar"]["correct"]] == ["test/1"] == [r["id"] for r in rows if r["fluid"]["correct"]]
+    assert rows[1]["ar"]["output"] == seen["test/1"]
 
 
 def test_evaluate_gsm8k_and_mmlu_fixtures(tmp_path, tiny_stage2, gsm8k_dir):

@@ -93,7 +93,7 @@ def test_stage0_writes_metrics_and_reloadable_checkpoint(stage0, artifacts):
     git = json.loads((run / "git.json").read_text())
     in_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
     if in_git:  # the checkout's revision at the run's start: HEAD or (committed since) one of its ancestors
-        assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and git["dirty"] in (True, False), git
+        assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and isinstance(git["dirty"], bool), git
         assert subprocess.run(["git", "merge-base", "--is-ancestor", git["commit"], "HEAD"], cwd=ROOT).returncode == 0
     else:
         assert git == {"commit": None, "dirty": None}
@@ -301,3 +301,24 @@ def test_exports_name_the_tokenizers_special_tokens(stage0, stage1):
             cfg = json.loads((ckpt / name).read_text())
             assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == \
                 (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), (run, name)
+
+
+def test_git_revision_records_the_commit_and_uncommitted_changes(tmp_path):
+    """git.json's fields against a repository whose state is known: clean, edited, not a repository."""
+    from fluid.utils.runinfo import git_revision
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert git_revision(tmp_path) == {"commit": None, "dirty": None}
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("1\n")
+    git("add", "a.txt")
+    git("commit", "-qm", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_revision(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "untracked.txt").write_text("x")  # untracked files are not the code that ran
+    assert git_revision(tmp_path)["dirty"] is False
+    (tmp_path / "a.txt").write_text("2\n")
+    assert git_revision(tmp_path) == {"commit": head, "dirty": True}

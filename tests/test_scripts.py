@@ -21,15 +21,15 @@ def test_bench_train_runs_on_cpu(tmp_path, cache_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     for case in ("dense", "ref", "causal"):
-        assert report["cases"][case]["tokens_per_s"] > 0, report["cases"][case]
         assert report["cases"][case]["expanded_len"] == report["cases"]["dense"]["expanded_len"]
     if not torch.cuda.is_available():
         assert "skipped" in report["cases"]["flex"]  # flex training is CUDA only
     cases, summary = report["cases"], report["summary"]
     assert set(cases) == set(report["config"]["cases"].split(",")) >= {"dense", "flex", "ref", "causal"}
     assert not [c for c, row in cases.items() if "error" in row], cases  # every case ran or was skipped
-    assert summary["lane_overhead_dense_vs_causal"] == pytest.approx(
-        cases["causal"]["tokens_per_s"] / cases["dense"]["tokens_per_s"])
+    # the same model and batch under the fast mask and the reference mask: the same loss before any update
+    assert cases["dense"]["first_loss"] == pytest.approx(cases["ref"]["first_loss"], rel=1e-4)
+    assert summary["lane_overhead_dense_vs_causal"] > 0
     assert report["config"]["batch_size"] == 2 and report["config"]["steps"] == 1 and report["config"]["hidden"] == 64
     assert "tokens/s" in r.stdout
 
@@ -44,10 +44,10 @@ def test_bench_train_times_exact_modes_two_pass_step(tmp_path, cache_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     cases = report["cases"]
-    assert cases["two_pass"]["tokens_per_s"] > 0 and cases["dense"]["tokens_per_s"] > 0, cases
     assert cases["two_pass"]["expanded_len"] == cases["dense"]["expanded_len"] <= 64
-    assert report["summary"]["two_pass_speedup_vs_dense"] == pytest.approx(
-        cases["dense"]["step_s"] / cases["two_pass"]["step_s"])
+    # the two-pass step computes the expanded forward's loss: the same number, at its own speed
+    assert cases["two_pass"]["first_loss"] == pytest.approx(cases["dense"]["first_loss"], rel=1e-4)
+    assert report["summary"]["two_pass_speedup_vs_dense"] > 0
 
 
 def test_bench_forward_writes_the_cost_curve(tmp_path, tiny_checkpoint):
