@@ -233,7 +233,8 @@ def run_case(case, args, queue):
         tokens = int(lb.valid.sum())
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else \
             (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
-        queue.put({"case": case, "first_loss": first_loss, "step_s": t_med, "tokens_per_s": tokens / t_med, "peak_mem_mb": peak / 2**20,
+        queue.put({"case": case, "first_loss": first_loss,
+                   "step_s": t_med, "tokens_per_s": tokens / t_med, "peak_mem_mb": peak / 2**20,
                    "expanded_len": lb.length, "tokens": tokens, "peak_kind": "cuda_max_allocated" if cuda else
                    "cpu_rss_growth"})
     except Exception as e:  # noqa: BLE001 - reported in the table
