@@ -60,7 +60,8 @@ from fluid.utils.errors import FluidConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 16
+DEFAULTS = DecodeConfig()  # the decode defaults live in fluid/decoding/config.py only
+DEFAULT_BATCH_SIZE = DEFAULTS.batch_size
 OWN_KEYS = ("checkpoint", "device", "dtype", "batch_size", "max_new_tokens", "mask_token_id", "max_length",
             "add_bos_token")
 DECODE_KEYS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.name not in ("batch_size", "max_new_tokens"))
@@ -108,7 +109,7 @@ class FluidLM(TemplateLM):
     """A FLUID checkpoint behind lm-eval's ``LM`` interface (see the module docstring)."""
 
     def __init__(self, checkpoint: str | None = None, device: str | None = "auto", dtype: str | torch.dtype = "float32",
-                 batch_size: int | str = DEFAULT_BATCH_SIZE, max_new_tokens: int = 256, max_batch_size=None,
+                 batch_size: int | str = DEFAULT_BATCH_SIZE, max_new_tokens: int = DEFAULTS.max_new_tokens, max_batch_size=None,
                  mask_token_id: int | None = None, max_length: int | None = None, add_bos_token: bool = False,
                  trust_remote_code: bool = False, **decode):
         # max_batch_size, trust_remote_code: passed by lm-eval's evaluator / CLI, not used
