@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,42 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, check_group_overrides, register_resolvers
 from fluid.decoding.config import DecodeConfig, register_decode_config
-from fluid.decoding.setup import build_decoder, check_decode, decode_config
+from fluid.decoding.setup import build_decoder, decode_config
+from fluid.eval.records import sample_records, sample_table
+from fluid.eval.rounds import decode_all, fields_of
+from fluid.eval.settings import decoder_settings
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
 log = logging.getLogger("fluid.evaluate")
 register_resolvers()
 register_decode_config()
-
-
-def decoder_settings(cfg: DictConfig, base: DecodeConfig, has_head: bool, mask_id: int | None) -> dict[str, DecodeConfig]:
-    """``settings`` (name -> DecodeConfig overrides on top of ``decode``), each also at every
-    value of ``confidences`` (``<name>_c<value>``); checked before anything is decoded."""
-    raw = OmegaConf.to_container(cfg.settings, resolve=True) if cfg.get("settings") else {}
-    if not raw:  # settings=null: AR greedy alone (a plain or stage-0 model's accuracy and speed)
-        return {}
-    shared = ["algorithm", "batch_size", "compile", "max_new_tokens"]
-    confidences = list(cfg.get("confidences") or [])  # checked by validate_evaluate
-    settings = {}
-    for name, ov in raw.items():
-        if ov is not None and not isinstance(ov, dict):
-            raise FluidConfigError(f"settings.{name}", f"must be a mapping of decode fields, got {ov!r}",
-                                   "e.g. +settings.noverify='{verify: false}'")
-        ov = dict(ov or {})
-        fixed = sorted(set(ov) & set(shared))
-        if fixed:  # AR runs with the base batching: a setting's speedup is only fair with the same
-            raise FluidConfigError(f"settings.{name}", f"sets {fixed}, which AR and every setting share",
-                                   f"set decode.{fixed[0]}=... for the whole run instead")
-        settings[name] = ov
-        for c in confidences:  # the setting as it is, and at each draft confidence
-            settings[f"{name}_c{c:g}"] = {**ov, "confidence": float(c)}
-    out = {}
-    for name, ov in settings.items():
-        if name == "ar" or "/" in name:
-            raise FluidConfigError(f"settings.{name}", "is a reserved or invalid name", "pick another name")
-        out[name] = decode_config(ov, f"settings.{name}", base=base)
-        check_decode(out[name], has_head, mask_id, f"settings.{name}")
-    return out
 
 
 def _mean(xs: list) -> float | None:
@@ -144,21 +117,21 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
         _, dec = build_decoder(cfg.checkpoint, base, stop_strings=list(bench.stop_strings), fm=fm)
         peers = _baselines(cfg, fm, base, bench, settings)
         for dcfg in settings.values():  # window=cost measures the model's forward-cost curve once, untimed
-            dec.calibrate([base.batch_size], **_fields(dcfg))
+            dec.calibrate([base.batch_size], **fields_of(dcfg))
         if cfg.warmup:  # first forwards allocate and tune kernels: not in any timing
             for dcfg in [replace(base, algorithm="ar"), *settings.values()]:
-                dec.generate(ids[: cfg.warmup], **_fields(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
+                dec.generate(ids[: cfg.warmup], **fields_of(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
             for peer in peers.values():
                 peer.generate(ids[: cfg.warmup], max_new_tokens=min(16, base.max_new_tokens))
         outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings, **peers}, cfg.repeats,
                           cfg.progress, cfg.get("interleave"))
-        write_jsonl(run_dir / "samples.jsonl", _records(samples, ids, tok, outs, None))  # kept if scoring fails
+        write_jsonl(run_dir / "samples.jsonl", sample_records(samples, ids, tok, outs, None))  # kept if scoring fails
         correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
         for name, out in outs.items():
             metrics.update(summarise(name, out, correct[name], outs["ar"] if name != "ar" else None))
         if reference is not None:
             metrics.update(_compare_reference(fm, ids, outs, reference, base.batch_size, cfg.reference))
-        records = _records(samples, ids, tok, outs, correct)
+        records = sample_records(samples, ids, tok, outs, correct)
         names = list(outs)
         x_label, x_key = "tokens/s", "tokens_per_s"
 
@@ -174,7 +147,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
     (run_dir / "results.md").write_text(f"# {title}\n\n{report.markdown_table(metrics, names)}\n\n"
                                         f"`python -m fluid.evaluate {' '.join(_overrides())}`\n")
     print(f"\n{title}\n{table}\n", flush=True)
-    columns, rows = _sample_table(records, names)
+    columns, rows = sample_table(records, names)
     report.log_to_loggers(loggers, OmegaConf.to_container(cfg, resolve=True), metrics, columns, rows, plot)
 
 
@@ -212,88 +185,10 @@ def _compare_reference(fm, ids, outs: dict, reference: list[list[int]], batch_si
     return m
 
 
-def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progress: bool,
-               interleave: int | None = None) -> dict[str, dict]:
-    """Every setting's outputs on ``ids``, timed fairly on a machine whose speed drifts.
-
-    ``interleave`` (prompts per round, rounded up to a multiple of the batch size; None or 0: all
-    of them): the prompts are decoded round by round, every setting decoding each round's prompts
-    in turn (the order rotating), so a slow spell of a shared machine lasting seconds hits every
-    setting alike instead of whichever ran then. Batches are the same as in one pass. With
-    ``repeats`` > 1 each round runs every setting that many times and its fastest run counts;
-    decoding is deterministic, so the tokens must agree."""
-    from fluid.validate import check
-
-    check("repeats", repeats)
-    check("interleave", interleave)
-    names = list(settings)
-    bs = max(d.batch_size for d in settings.values() if isinstance(d, DecodeConfig))
-    chunk = max(1, len(ids)) if not interleave else -(-interleave // bs) * bs
-    parts: dict[str, list[dict]] = {n: [] for n in names}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(ids) * len(names) * repeats, desc=f"decoding ({len(names)} settings)", unit="prompt",
-                   dynamic_ncols=True)
-    for k, start in enumerate(range(0, len(ids), chunk)):
-        part, best = ids[start: start + chunk], {}
-        for _ in range(repeats):
-            for name in names[k % len(names):] + names[: k % len(names)]:
-                s = settings[name]
-                out = dec.generate(part, **_fields(s)) if isinstance(s, DecodeConfig) else s.generate(part)
-                if name in best and out["tokens"] != best[name]["tokens"]:
-                    raise RuntimeError(f"{name}: two runs decoded different tokens (decoding must be deterministic)")
-                if name not in best or out["wall_time_s"] < best[name]["wall_time_s"]:
-                    best[name] = out
-                if bar is not None:
-                    bar.update(len(part))
-        for name in names:
-            parts[name].append(best[name])
-    if bar is not None:
-        bar.close()
-    return {name: merge_outputs(parts[name]) for name in names}
-
-
-def merge_outputs(parts: list[dict]) -> dict:
-    """One ``FluidDecoder.generate`` result from those of consecutive prompt chunks."""
-    out = {key: [x for p in parts for x in p[key]] for key in ("texts", "tokens", "rows")}
-    wall, n_tok, nfe = (sum(p[k] for p in parts) for k in ("wall_time_s", "generated_tokens", "nfe"))
-    return {**out, "wall_time_s": wall, "generated_tokens": n_tok, "nfe": nfe,
-            "tokens_per_s": n_tok / wall if wall > 0 else float("nan"), "tpf": n_tok / max(1, nfe)}
-
-
 def _overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _fields(dcfg: DecodeConfig) -> dict:
-    return asdict(dcfg)
-
-
-def _records(samples, ids, tok, outs: dict, correct: dict) -> list[dict]:
-    records = []
-    for i, s in enumerate(samples):
-        r = {"id": s.id, "question": s.question, "prompt": tok.decode(ids[i], skip_special_tokens=False),
-             "reference": s.reference}
-        for name, out in outs.items():
-            st = out["rows"][i]
-            r[name] = {"output": out["texts"][i], "correct": None if correct is None else correct[name][i],
-                       "ids": list(out["tokens"][i]), "tokens": len(st.tokens), "nfe": st.nfe,
-                       "tpf": len(st.tokens) / max(1, st.nfe)}
-            if name != "ar":
-                r[name]["identical_to_ar"] = out["tokens"][i] == outs["ar"]["tokens"][i]
-        records.append(r)
-    return records
-
-
-def _sample_table(records: list[dict], names: list[str]) -> tuple[list[str], list[list]]:
-    columns = ["id", "prompt", "reference"] + [f"{n}/{k}" for n in names for k in ("output", "correct", "tpf")]
-    rows = [[r["id"], r["prompt"], r["reference"]] + [r[n].get(k) for n in names for k in ("output", "correct", "tpf")]
-            for r in records]
-    return columns, rows
 
 
 def _loglikelihood(bench, fm, samples, ids, batch_size: int, metrics: dict, progress: bool):

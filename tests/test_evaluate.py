@@ -283,7 +283,7 @@ def test_interleaved_rounds_decode_what_one_pass_decodes(drafting_stage2):
 
     from fluid.checkpoint import load_fluid
     from fluid.decoding import DecodeConfig, FluidDecoder
-    from fluid.evaluate import decode_all
+    from fluid.eval.rounds import decode_all
 
     fm = load_fluid(drafting_stage2)
     ids = [fm.tokenizer(f"{a} + {b}", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(3)]
