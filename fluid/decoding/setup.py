@@ -50,6 +50,37 @@ def decode_config(raw: Mapping[str, Any] | DecodeConfig | None = None, key: str 
         raise FluidConfigError(key, str(e)) from None
 
 
+def field_value(key: str, value):
+    """``value`` (from text: lm-eval's ``model_args``, a request; maybe still a string) as
+    :class:`DecodeConfig` field ``key``'s type; a value that is not one is a one-line error."""
+    kind = str(next(f.type for f in dataclasses.fields(DecodeConfig) if f.name == key))
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if "None" in kind:
+            return None
+        raise FluidConfigError(key, "cannot be None")
+    base = kind.split("|")[0].strip()
+    try:
+        if base == "bool":
+            return as_bool(key, value)
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            return float(value)
+        return str(value)
+    except (KeyError, TypeError, ValueError):
+        raise FluidConfigError(key, f"{value!r} is not a valid {base}") from None
+
+
+def as_bool(key: str, value) -> bool:
+    if isinstance(value, str):
+        if value.lower() not in ("true", "1", "false", "0"):
+            raise FluidConfigError(key, f"{value!r} is not a valid bool")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
 def check_decode(cfg: DecodeConfig, has_head: bool, mask_id: int | None, key: str = "decode") -> None:
     """What the checkpoint must have for ``cfg``: a K-head for ``horizon=head``, a MASK token for lanes."""
     if cfg.needs_head and not has_head:

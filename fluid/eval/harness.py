@@ -55,6 +55,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from fluid.decoding.config import DecodeConfig
+from fluid.decoding.setup import as_bool
 from fluid.eval import likelihood
 from fluid.utils.errors import FluidConfigError
 
@@ -66,36 +67,6 @@ OWN_KEYS = ("checkpoint", "device", "dtype", "batch_size", "max_new_tokens", "ma
             "add_bos_token")
 DECODE_KEYS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.name not in ("batch_size", "max_new_tokens"))
 GREEDY_KEYS = ("do_sample", "temperature")  # normalize_gen_kwargs always sets them; greedy values pass silently
-
-
-def _coerce(key: str, value):
-    """``value`` (lm-eval auto-types ``model_args``: maybe still a string) as DecodeConfig field ``key``'s type."""
-    kind = str(next(f.type for f in dataclasses.fields(DecodeConfig) if f.name == key))
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if "None" in kind:
-            return None
-        raise FluidConfigError(key, "cannot be None")
-    base = kind.split("|")[0].strip()
-    try:
-        if base == "bool":
-            return _bool(key, value)
-        if base == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base == "float":
-            return float(value)
-        return str(value)
-    except (KeyError, TypeError, ValueError):
-        raise FluidConfigError(key, f"{value!r} is not a valid {base}") from None
-
-
-def _bool(key: str, value) -> bool:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "1", "false", "0"):
-            raise FluidConfigError(key, f"{value!r} is not a valid bool")
-        return value.lower() in ("true", "1")
-    return bool(value)
 
 
 def _int_or(value, default: int) -> int:
@@ -114,7 +85,7 @@ class FluidLM(TemplateLM):
                  trust_remote_code: bool = False, **decode):
         # max_batch_size, trust_remote_code: passed by lm-eval's evaluator / CLI, not used
         super().__init__()
-        from fluid.decoding.setup import build_decoder, decode_config
+        from fluid.decoding.setup import build_decoder, decode_config, field_value
 
         unknown = sorted(set(decode) - set(DECODE_KEYS))
         if unknown:
@@ -128,7 +99,7 @@ class FluidLM(TemplateLM):
         if self._batch_size < 1:
             raise FluidConfigError("batch_size", f"must be >= 1, got {batch_size!r}")
         cfg = decode_config({"batch_size": self._batch_size, "max_new_tokens": _int_or(max_new_tokens, 0),
-                             **{k: _coerce(k, v) for k, v in decode.items()}}, key="model_args")
+                             **{k: field_value(k, v) for k, v in decode.items()}}, key="model_args")
         mask = None if mask_token_id is None else _int_or(mask_token_id, -1)
         fm, self.decoder = build_decoder(checkpoint, cfg, device=device, dtype=dtype, mask_token_id=mask, key="",
                                          device_fallback=True)
@@ -136,7 +107,7 @@ class FluidLM(TemplateLM):
         self.decode_config = cfg
         self._device = self.model.device
         self._max_length = _int_or(max_length, 0) or None
-        self.add_bos_token = _bool("add_bos_token", add_bos_token)
+        self.add_bos_token = as_bool("add_bos_token", add_bos_token)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ what lm-eval asks of a model
