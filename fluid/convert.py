@@ -85,7 +85,6 @@ def is_sharded(strategy) -> bool:
 def full_state_dict(ckpt: str | Path) -> dict:
     """The fp32 weights of a training checkpoint: a DeepSpeed ZeRO directory (merged from its
     shards) or a Lightning ``.ckpt`` file."""
-    import torch
 
     ckpt = Path(ckpt)
     if ckpt.is_dir():
@@ -95,7 +94,10 @@ def full_state_dict(ckpt: str | Path) -> dict:
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     elif ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True).get("state_dict")
+        from fluid.utils.ckpt_io import load_checkpoint_file
+
+        loaded = load_checkpoint_file(ckpt, "ckpt", weights_only=True)
+        state = loaded.get("state_dict") if isinstance(loaded, dict) else None
         if state is None:
             raise FluidConfigError("ckpt", f"{str(ckpt)!r} has no 'state_dict' (not a Lightning checkpoint)")
     else:

@@ -69,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from fluid.convert import backbone_and_tokenizer, build_module, check_finite, export_meta, export_sharded, is_sharded
     from fluid.utils.callbacks import FiniteLoss
+    from fluid.utils.ckpt_io import remove_orphans, run_signature
     from fluid.utils.runinfo import git_revision, write_json, write_jsonl
     from fluid.validate import validate_train
 
@@ -87,6 +88,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
         resume = _resume_from(cfg, run_dir)
+        orphans = remove_orphans(run_dir / "checkpoints") if _rank_zero(None) else []
+        if orphans:
+            log.warning("removed %d temporary file(s) a kill during a save left: %s", len(orphans),
+                        ", ".join(p.name for p in orphans))
         _apply_global_batch(cfg)
         L.seed_everything(cfg.seed, workers=True)
         spec, tokenizer, from_scratch = backbone_and_tokenizer(cfg)
@@ -98,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         strategy = _strategy(cfg)
         trainer = instantiate(cfg.trainer, "trainer", strategy=strategy, logger=loggers or False,
                               callbacks=[*callbacks, FiniteLoss()], plugins=_plugins(strategy))
+        module.fluid_signature = run_signature(cfg)  # recorded in every checkpoint (resume checks it)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if _needs_final_validation(trainer):  # val/* in metrics.json describe the final weights
@@ -174,15 +180,32 @@ def _plugins(strategy) -> list:
 
 
 def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``ckpt_path=last``: this run directory's ``checkpoints/last.ckpt``; ``ckpt_path=FILE``: that file."""
+    """``ckpt_path=last``: this run directory's newest checkpoint (by the step inside);
+    ``ckpt_path=FILE``: that file. Refused in one line, before any work: a file that is not a
+    readable checkpoint, one another stage, backbone or adapter setting wrote, and one that is
+    already at ``trainer.max_steps`` (it would train nothing and publish its weights as new)."""
+    from fluid.utils.ckpt_io import SIGNATURE_KEY, newest_checkpoint, read_training_checkpoint, run_signature
+
     want = cfg.get("ckpt_path")
     if not want:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if want == "last" else Path(want)
-    if not path.exists():  # a file, or a directory where DeepSpeed saved one
-        raise FluidConfigError("ckpt_path", f"{str(path)!r} does not exist",
+    path = newest_checkpoint(run_dir / "checkpoints") if want == "last" else Path(want)
+    if path is None or not path.exists():  # a file, or a directory where DeepSpeed saved one
+        raise FluidConfigError("ckpt_path", f"{str(path or run_dir / 'checkpoints' / 'last.ckpt')!r} does not exist",
                                "resume in the run's own directory (hydra.run.dir=RUN_DIR ckpt_path=last) or give a .ckpt file")
-    log.info("resuming from %s", path)
+    info = read_training_checkpoint(path)
+    sig, mine = info[SIGNATURE_KEY], run_signature(cfg)
+    if sig is not None and sig != mine:
+        diff = ", ".join(f"{k} {sig.get(k)!r} (this run: {mine[k]!r})" for k in mine if sig.get(k) != mine[k])
+        raise FluidConfigError("ckpt_path", f"{str(path)!r} was written by another run: {diff}",
+                               "resume with that run's settings, or start a new run without ckpt_path")
+    if sig is None and info["global_step"] is not None:
+        log.warning("%s records no stage or backbone (an older checkpoint): resuming unchecked", path)
+    step, max_steps = info["global_step"], int(cfg.trainer.max_steps)
+    if step is not None and max_steps > 0 and step >= max_steps:
+        raise FluidConfigError("ckpt_path", f"{str(path)!r} is already at step {step}, and trainer.max_steps is "
+                               f"{max_steps}: nothing to train", "raise stage.max_steps to train further")
+    log.info("resuming from %s (step %s)", path, step)
     return str(path)
 
 

@@ -454,3 +454,110 @@ def test_ddp_resume_sees_the_same_data(tmp_path, cache_dir):
         assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / "metrics.json").read_text())["train/steps"] == 10
     assert sorted(dict(_batches(run)).items()) == _batches(full)
+
+
+# ---------------------------------------------------------------- resuming the right checkpoint
+@pytest.fixture(scope="module")
+def stage0_run(tmp_path_factory, cache_dir):
+    """A 4-step stage-0 run with a checkpoint every 2 steps (its last.ckpt is at step 4)."""
+    run = tmp_path_factory.mktemp("resume") / "stage0"
+    r = subprocess.run(_stage0_cmd(run, cache_dir, 4), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+def _refused(code: int, err: str, key: str, tmp_path) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}:") and "Traceback" not in err, err
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "run" / "checkpoint").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+    return lines[0]
+
+
+def test_resume_from_another_stage_or_a_finished_run_is_refused(stage0_run, tmp_path, capsys, cache_dir):
+    """A stage-0 checkpoint resumed as stage 1 (Lightning would restore a loop already past
+    max_steps and publish stage-0 weights as stage 1), one of another backbone, and one already at
+    max_steps: one line each, exit 2, nothing published."""
+    last = stage0_run / "checkpoints" / "last.ckpt"
+    common = [f"ckpt_path={last}", f"paths.cache_dir={cache_dir}", "test=false"]
+    line = _refused(*run_main("train", ["stage=1", *common], tmp_path, capsys), "ckpt_path", tmp_path)
+    assert "stage 0 (this run: 1)" in line
+    line = _refused(*run_main("train", ["stage=0", "backbone=smollm2_135m", *common], tmp_path, capsys),
+                    "ckpt_path", tmp_path)
+    assert "backbone 'tiny' (this run: 'smollm2_135m')" in line
+    line = _refused(*run_main("train", ["stage=0", "trainer.max_steps=4", *common], tmp_path, capsys),
+                    "ckpt_path", tmp_path)
+    assert "already at step 4" in line
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "not_a_checkpoint"])
+def test_a_corrupt_checkpoint_is_named_in_one_line(kind, stage0_run, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    good = (stage0_run / "checkpoints" / "last.ckpt").read_bytes()
+    if kind == "random":
+        bad.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    else:
+        import torch
+
+        torch.save({"weights": [1, 2, 3]}, bad)
+    line = _refused(*run_main("train", ["stage=0", f"ckpt_path={bad}"], tmp_path, capsys), "ckpt_path", tmp_path)
+    assert str(bad) in line
+    r = subprocess.run([sys.executable, "-m", "fluid.convert", str(stage0_run), "--ckpt", str(bad), "--out",
+                        str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: ckpt:") and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_last_means_the_newest_checkpoint_and_orphans_are_removed(stage0_run, tmp_path, cache_dir):
+    """Resumed twice with different save intervals: one last.ckpt (no last-v1.ckpt left behind
+    at an older step), each resume starting where the previous run stopped; a temporary file a
+    kill during a save left is removed at the next start."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(stage0_run, run)
+    orphan = run / "checkpoints" / ".last.ckpt.tmp999999999"  # no such process
+    orphan.write_bytes(b"half a checkpoint")
+    for steps, every in ((6, 3), (8, 2)):
+        cmd = [c if not c.startswith("callbacks.model_checkpoint.every_n_train_steps=") else
+               f"callbacks.model_checkpoint.every_n_train_steps={every}" for c in _stage0_cmd(run, cache_dir, steps)]
+        r = subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["status"] == "completed" and m["train/steps"] == steps
+        lasts = sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt"))
+        assert lasts == ["last.ckpt"], lasts
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, mmap=True)["global_step"] == steps
+        out = r.stdout + r.stderr
+        assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step {steps - 2})" in out, out[-3000:]
+    assert not orphan.exists()
+
+
+def test_newest_checkpoint_is_chosen_by_the_step_inside(tmp_path):
+    """last.ckpt, an older release's last-v1.ckpt and a SIGTERM's terminated.ckpt: the highest
+    step wins whatever the file times say; a live process's temporary file is kept."""
+    import time
+
+    import torch
+
+    from fluid.utils.ckpt_io import newest_checkpoint, remove_orphans
+
+    for name, step in (("terminated.ckpt", 7), ("last-v1.ckpt", 5), ("last.ckpt", 4)):  # written oldest-step last
+        torch.save({"global_step": step}, tmp_path / name)
+        time.sleep(0.01)
+    assert newest_checkpoint(tmp_path).name == "terminated.ckpt"
+    (tmp_path / "terminated.ckpt").unlink()
+    assert newest_checkpoint(tmp_path).name == "last-v1.ckpt"
+    assert newest_checkpoint(tmp_path / "none") is None
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        keep, gone = tmp_path / f".last.ckpt.tmp{live.pid}", tmp_path / ".last.ckpt.tmp999999999"
+        keep.write_bytes(b"x")
+        gone.write_bytes(b"x")
+        assert remove_orphans(tmp_path) == [gone] and keep.exists() and not gone.exists()
+    finally:
+        live.kill()

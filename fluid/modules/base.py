@@ -20,6 +20,14 @@ from fluid.modules.optim import OptimConfig, build_optimizer
 class FluidModule(L.LightningModule):
     stage_id: int = -1
 
+    fluid_signature: dict | None = None  # set by fluid.train: stage, backbone, adapter (utils/ckpt_io.run_signature)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.fluid_signature is not None:  # what a resume from this checkpoint is checked against
+            from fluid.utils.ckpt_io import SIGNATURE_KEY
+
+            checkpoint[SIGNATURE_KEY] = dict(self.fluid_signature)
+
     def __init__(self, backbone: BackboneSpec, tokenizer, optim: dict | None = None,
                  eval_max_new_tokens: int = 128, gradient_checkpointing: bool = False):
         super().__init__()
