@@ -9,7 +9,9 @@ and ``config.yaml``; with ``logger=wandb`` the same to W&B (offline by default).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -27,6 +29,7 @@ from fluid.eval.records import sample_records, sample_table
 from fluid.eval.rounds import decode_all, fields_of
 from fluid.eval.settings import decoder_settings
 from fluid.utils.errors import FluidConfigError, one_line_errors
+from fluid.utils.signals import GracefulStop, Terminated
 
 log = logging.getLogger("fluid.evaluate")
 register_resolvers()
@@ -61,9 +64,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"status": "failed", "benchmark": cfg.benchmark.name}
+    write_json(run_dir / "metrics.json", {"status": "running", "pid": os.getpid()})  # a kill -9 leaves this
     try:
-        _evaluate(cfg, run_dir, metrics)  # fills ``metrics`` as it goes: a failure keeps what was measured
-        metrics["status"] = "completed"
+        with GracefulStop() as stop:  # SIGTERM / SIGINT: the round in flight ends, what was measured is written
+            _evaluate(cfg, run_dir, metrics, stop)  # fills ``metrics`` as it goes: a failure keeps what was measured
+        metrics["status"] = "terminated" if stop.requested else "completed"
+        if stop.requested:
+            metrics["error"] = f"{Terminated(stop.signum)}: stopped after {metrics.get('n_decoded')} samples"
+            metrics["exit_code"] = Terminated(stop.signum).exit_code
+    except Terminated as e:
+        metrics.update({"status": "terminated", "error": str(e), "exit_code": e.exit_code})
     except BaseException as e:
         metrics["error"] = f"{type(e).__name__}: {e}"
         raise
@@ -74,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
+def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop: GracefulStop | None = None) -> None:
     from fluid.checkpoint import load_fluid
     from fluid.eval import report
     from fluid.utils.build import build, instantiate_dict
@@ -123,8 +133,16 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any]) -> None:
                 dec.generate(ids[: cfg.warmup], **fields_of(replace(dcfg, max_new_tokens=min(16, dcfg.max_new_tokens))))
             for peer in peers.values():
                 peer.generate(ids[: cfg.warmup], max_new_tokens=min(16, base.max_new_tokens))
-        outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings, **peers}, cfg.repeats,
-                          cfg.progress, cfg.get("interleave"))
+        with stop.rounds() if stop is not None else contextlib.nullcontext():
+            outs = decode_all(dec, ids, {"ar": replace(base, algorithm="ar"), **settings, **peers}, cfg.repeats,
+                              cfg.progress, cfg.get("interleave"), stop=stop)
+        metrics["n_decoded"] = n = len(outs["ar"]["tokens"])
+        if n < len(ids):  # stopped by a signal: the prompts decoded so far, by every setting alike
+            if n == 0:
+                raise Terminated(stop.signum)
+            samples, ids = samples[:n], ids[:n]
+            if reference is not None:
+                reference = reference[:n]
         write_jsonl(run_dir / "samples.jsonl", sample_records(samples, ids, tok, outs, None))  # kept if scoring fails
         correct = {name: bench.score(samples, out["texts"]) for name, out in outs.items()}
         for name, out in outs.items():
@@ -220,7 +238,10 @@ def _loglikelihood(bench, fm, samples, ids, batch_size: int, metrics: dict, prog
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 @one_line_errors
 def _hydra_main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    m = evaluate(cfg)
+    if m["status"] == "terminated":  # what was measured is written; the exit status says it is not complete
+        print(f"terminated: {m['error']} (partial results in {m['run_dir']})", file=sys.stderr)
+        sys.exit(m["exit_code"])
 
 
 def main() -> None:

@@ -4,12 +4,13 @@ evaluations of tiny random models through Hydra's compose API into tmp_path (CPU
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ROOT, tiny_model
 
 from fluid.eval.benchmarks import GSM8K, MATH500, MMLU, Arith, HumanEval
 from fluid.utils.errors import FluidConfigError
@@ -450,3 +451,34 @@ def test_evaluate_peers_and_cost_windows_in_the_same_rounds(tmp_path, tiny_stage
     with pytest.raises(Exception, match="unknown baseline"):
         run_eval(tmp_path / "bad", ["benchmark=arith", f"checkpoint={tiny_stage2}", "limit=2", "decode.batch_size=1",
                                     "baselines=[vllm]"])
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_evaluation_at_a_round_and_writes_what_was_measured(tmp_path, tiny_stage2, sig, code):
+    """SIGTERM / SIGINT while the rounds run: the round in flight ends, the samples decoded so far
+    are scored and written, marked ``terminated`` (never as a complete result), exit 128 + signal."""
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fluid.evaluate", "benchmark=arith", f"checkpoint={tiny_stage2}",
+                             "limit=64", "interleave=2", "decode.batch_size=2", "decode.max_new_tokens=24", "warmup=0",
+                             "progress=true", f"hydra.run.dir={run}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0, seen = time.time(), ""
+    while time.time() - t0 < 300:  # the progress bar shows rounds under way
+        seen += proc.stderr.read(1)
+        if re.search(r"decoding \(\d+ settings\):\s+\d+%\|[^|]*\|\s+([4-9]|\d\d+)/", seen):
+            break
+    assert json.loads((run / "metrics.json").read_text())["status"] == "running"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, (seen + err)[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"terminated: {sig} received"), err[-2000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "terminated" and m["exit_code"] == code
+    assert 2 <= m["n_decoded"] < m["n_samples"] == 64 and m["n_decoded"] % 2 == 0  # whole rounds
+    rows = read_samples(run)
+    assert len(rows) == m["n_decoded"] and all(r["fluid"]["identical_to_ar"] for r in rows)
+    assert 0.0 <= m["fluid/accuracy"] <= 1.0 and m["fluid/tpf"] > 0

@@ -9,7 +9,7 @@ from fluid.decoding.config import DecodeConfig
 
 
 def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progress: bool,
-               interleave: int | None = None) -> dict[str, dict]:
+               interleave: int | None = None, stop=None) -> dict[str, dict]:
     """Every setting's outputs on ``ids``, timed fairly on a machine whose speed drifts.
 
     ``interleave`` (prompts per round, rounded up to a multiple of the batch size; None or 0: all
@@ -17,7 +17,9 @@ def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progre
     in turn (the order rotating), so a slow spell of a shared machine lasting seconds hits every
     setting alike instead of whichever ran then. Batches are the same as in one pass. With
     ``repeats`` > 1 each round runs every setting that many times and its fastest run counts;
-    decoding is deterministic, so the tokens must agree."""
+    decoding is deterministic, so the tokens must agree. ``stop`` (a
+    :class:`~fluid.utils.signals.GracefulStop`): after a signal the rounds end and the outputs
+    cover the prompts decoded so far (the first ones, for every setting alike)."""
     from fluid.validate import check
 
     check("repeats", repeats)
@@ -33,6 +35,8 @@ def decode_all(dec, ids, settings: dict[str, DecodeConfig], repeats: int, progre
         bar = tqdm(total=len(ids) * len(names) * repeats, desc=f"decoding ({len(names)} settings)", unit="prompt",
                    dynamic_ncols=True)
     for k, start in enumerate(range(0, len(ids), chunk)):
+        if stop is not None and stop.requested:
+            break
         part, best = ids[start: start + chunk], {}
         for _ in range(repeats):
             for name in names[k % len(names):] + names[: k % len(names)]:
