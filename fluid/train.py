@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
     metrics: dict[str, Any] = {"status": "failed"}
     trainer = None
-    previous = _previous_status(run_dir)
+    previous = _previous_status(run_dir) if _rank_zero(None) else None  # one rank reads and writes the status
     if previous is not None:
         metrics["previous_status"] = previous
     if _rank_zero(None):  # a kill -9 leaves this behind: the next start in the directory reports it

@@ -561,3 +561,21 @@ def test_newest_checkpoint_is_chosen_by_the_step_inside(tmp_path):
         assert remove_orphans(tmp_path) == [gone] and keep.exists() and not gone.exists()
     finally:
         live.kill()
+
+
+def test_only_rank_zero_reads_and_writes_the_run_status(tmp_path, capsys, monkeypatch, caplog):
+    """A relaunched rank (RANK=1) of a multi-device run neither warns about the status rank 0 just
+    wrote ("running elsewhere") nor overwrites it."""
+    import logging
+
+    run = tmp_path / "run"
+    run.mkdir()
+    status = {"status": "running", "pid": os.getppid()}  # a live process: what rank 0 writes at its start
+    (run / "metrics.json").write_text(json.dumps(status))
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level(logging.WARNING):
+        code, err = run_main("train", ["stage.module.optim.lr=-1"], tmp_path, capsys)  # fails fast, after the status
+    assert code == 2
+    log = (run / "train.log").read_text()
+    assert "running elsewhere" not in log + caplog.text + err, log  # the warning went to the job log
+    assert json.loads((run / "metrics.json").read_text()) == status
