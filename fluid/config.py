@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from pathlib import Path
 
@@ -74,7 +76,56 @@ def check_group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> st
             v = v.strip().strip("'\"")  # a relaunched rank sees the quoted form (stage='1')
             if v and v != "null" and v not in options:
                 return f"{key}={v}: unknown option for '{key}'; choose from: {', '.join(options)}"
-    return _check_recipe(overrides, conf_dir)
+    return _check_recipe(overrides, conf_dir) or _check_run_dir(overrides)
+
+
+def creatable(path: str | os.PathLike) -> str | None:
+    """Why directory ``path`` cannot be created or written (an ancestor that is a file, or not
+    writable), else None: checked before work, instead of failing after it."""
+    p = Path(path).absolute()
+    for anc in (p, *p.parents):
+        if anc.exists():
+            if not anc.is_dir():
+                return f"cannot create {str(p)!r}: {str(anc)!r} is a file"
+            if not os.access(anc, os.W_OK | os.X_OK):
+                return f"cannot create or write {str(p)!r}: {str(anc)!r} is not writable"
+            return None
+    return None
+
+
+def _check_run_dir(overrides: list[str]) -> str | None:
+    """``hydra.run.dir=DIR`` that cannot be created: Hydra would fail on it with a traceback."""
+    for ov in overrides:
+        if ov.startswith("hydra.run.dir="):
+            why = creatable(ov.split("=", 1)[1])
+            if why:
+                return f"hydra.run.dir: {why}"
+    return None
+
+
+def unknown_key_message(error: Exception, overrides: list[str], cfg_keys: list[str]) -> str | None:
+    """Hydra's several-line "Could not override 'KEY'" / "Key 'x' is not in struct" as one line
+    naming the key and the closest valid keys."""
+    text = str(error)
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
+    if not m:
+        return None
+    key = m.group(1)
+    close = difflib.get_close_matches(key, cfg_keys, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see the config with --cfg job"
+    return f"{key}: not a key of this config ({hint}; +{key}=VALUE adds a new one)"
+
+
+def dotted_keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a composed config (values not resolved)."""
+    out = []
+    for k in node.keys() if isinstance(node, DictConfig) else []:
+        child = node._get_node(k)
+        full = f"{prefix}{k}"
+        out.append(full)
+        if isinstance(child, DictConfig):
+            out += dotted_keys(child, full + ".")
+    return out
 
 
 # conf/experiment/<backbone>_stage<N>.yaml: a backbone's recipe for one stage, which train.yaml
@@ -133,3 +184,45 @@ def quote_numeric_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) ->
                 arg = key + "=" + ",".join(f"'{p.strip()}'" for p in parts)
         out.append(arg)
     return out
+
+
+def preflight(config_name: str, argv: list[str]) -> str | None:
+    """The one-line message for command-line overrides that cannot work, checked before Hydra
+    runs (whose own messages span several lines): an unknown group option, a recipe for another
+    stage, a run directory that cannot be created, a key the config does not have."""
+    msg = check_group_overrides(argv)
+    if msg or any(a in ("-m", "--multirun") for a in argv):
+        return msg
+    overrides = [a for a in argv if not a.startswith(("-", "hydra.", "hydra/"))]
+    try:
+        from fluid.utils.compose import compose
+
+        cfg = compose(config_name, overrides)
+    except Exception as e:  # noqa: BLE001 - only an unknown key is reported here; Hydra reports the rest
+        keys = _keys_of(config_name)
+        return unknown_key_message(e, overrides, keys) if keys else None
+    missing = missing_keys(cfg)
+    if missing:  # `???` in a config file: OmegaConf would fail on it with a traceback at first use
+        return f"{missing[0]}: must be set ({missing[0]}=VALUE)"
+    return None
+
+
+def missing_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???`` (interpolations are not resolved)."""
+    out = []
+    for k in node.keys() if isinstance(node, DictConfig) else []:
+        child = node._get_node(k)
+        if OmegaConf.is_missing(node, k):
+            out.append(f"{prefix}{k}")
+        elif isinstance(child, DictConfig):
+            out += missing_keys(child, f"{prefix}{k}.")
+    return out
+
+
+def _keys_of(config_name: str) -> list[str]:
+    try:
+        from fluid.utils.compose import compose
+
+        return dotted_keys(compose(config_name, []))
+    except Exception:  # noqa: BLE001
+        return []

@@ -22,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fluid.config import CONF_DIR, check_group_overrides, register_resolvers
+from fluid.config import CONF_DIR, preflight, register_resolvers
 from fluid.decoding.config import DecodeConfig, register_decode_config
 from fluid.decoding.setup import build_decoder, decode_config
 from fluid.eval.records import sample_records, sample_table
@@ -245,7 +245,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    msg = check_group_overrides(sys.argv[1:])
+    msg = preflight("evaluate", sys.argv[1:])
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)

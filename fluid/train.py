@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fluid.config import CONF_DIR, check_group_overrides, expand_recipe, quote_numeric_group_overrides, register_resolvers
+from fluid.config import CONF_DIR, expand_recipe, preflight, quote_numeric_group_overrides, register_resolvers
 from fluid.utils.build import instantiate, instantiate_dict
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
@@ -289,7 +289,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     argv = expand_recipe(sys.argv[1:])
-    msg = check_group_overrides(argv)
+    msg = preflight("train", argv)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)

@@ -233,6 +233,13 @@ def validate_train(cfg: DictConfig) -> None:
                                "logits are the original model's", "add stage.module.lora.scope=lanes")
     for group in cfg.stage.get("consumes", []) or []:
         check_rules(cfg, GROUP_RULES.get(group, {}))
+    publish = cfg.stage.get("publish") if cfg.get("publish", True) else None
+    if publish:  # found before training, not when the finished run is linked
+        from fluid.config import creatable
+
+        why = creatable(Path(publish).parent)
+        if why:
+            raise FluidConfigError("paths.artifacts_dir", why, "set paths.artifacts_dir=DIR or publish=false")
     check_devices(cfg)
     check_init_checkpoint(cfg)
 
@@ -256,6 +263,13 @@ def validate_generate(cfg: DictConfig) -> None:
         raise FluidConfigError("prompts", "every prompt must be a non-empty string or a list of chat messages")
     resolve_device(cfg.device)
     torch_dtype(cfg.dtype)
+    if cfg.get("output"):  # found before decoding, not after it
+        from fluid.config import creatable
+
+        out = Path(cfg.output)
+        why = f"{str(out)!r} is a directory" if out.is_dir() else creatable(out.parent)
+        if why:
+            raise FluidConfigError("output", why, "give a file path in a writable directory")
 
 
 def world_size(cfg: DictConfig) -> int:

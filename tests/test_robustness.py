@@ -335,10 +335,20 @@ def test_published_pangu_recipes_compose_with_their_values(tmp_path):
     (["data=jsonl", "data.source.train_path=TMP/empty.jsonl", "data.source.val_path=TMP/empty.jsonl"], "data.source"),
     (["data=jsonl", "data.source.train_path=TMP/long.jsonl", "data.source.val_path=TMP/long.jsonl", "data.max_length=4"],
      "data.max_length"),
-], ids=["trainer", "logger", "jsonl", "empty-jsonl", "too-long-jsonl"])
+    (["data=jsonl"], "data.source.train_path: must be set"),
+    (["data=jsonl", "data.source.train_path=TMP/types.jsonl"], "data.source: " + "TMP/types.jsonl:2 has a 'prompt'"),
+    (["data=jsonl", "data.source.train_path=TMP/user.jsonl"], "data.source: " + "TMP/user.jsonl:1 ends with a 'user'"),
+    (["stage.module.optim.lrr=1"], "stage.module.optim.lrr: not a key of this config (did you mean stage.module.optim.lr"),
+    (["stage=1", "stage.publish=TMP/empty.jsonl/artifacts/link"], "paths.artifacts_dir: cannot create"),
+], ids=["trainer", "logger", "jsonl", "empty-jsonl", "too-long-jsonl", "jsonl-unset", "jsonl-types", "jsonl-user-turn",
+        "unknown-key", "artifacts-under-a-file"])
 def test_errors_from_building_objects_keep_one_line(overrides, key, tmp_path, capsys, cache_dir):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "a b c d e f g h", "response": "i j k l m n"}) + "\n")
+    (tmp_path / "types.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n"
+                                          + json.dumps({"prompt": ["a"], "response": "b"}) + "\n")
+    (tmp_path / "user.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    key = key.replace("TMP", str(tmp_path))
     overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
     code, err = run_main("train", [*overrides, f"paths.cache_dir={cache_dir}", "trainer.max_steps=2"], tmp_path, capsys)
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
@@ -579,3 +589,40 @@ def test_only_rank_zero_reads_and_writes_the_run_status(tmp_path, capsys, monkey
     log = (run / "train.log").read_text()
     assert "running elsewhere" not in log + caplog.text + err, log  # the warning went to the job log
     assert json.loads((run / "metrics.json").read_text()) == status
+
+
+def test_paths_that_cannot_be_written_fail_before_work(tmp_path, capsys, tiny_checkpoint):
+    """A run directory under a file (Hydra would fail with a traceback), and a generate output
+    whose directory is a file (found after decoding before): one line, before any work."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for module in ("train", "evaluate", "generate"):
+        r = subprocess.run([sys.executable, "-m", f"fluid.{module}", f"hydra.run.dir={a_file}/run"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and lines == [f"error: hydra.run.dir: cannot create '{a_file}/run': '{a_file}' is a file"], \
+            (module, r.stderr[-2000:])
+    code, err = run_main("generate", ["prompts=[hi]", f"output={a_file}/out.jsonl"], tmp_path, capsys,
+                         checkpoint=tiny_checkpoint)
+    assert code == 2 and err.strip().splitlines() == [f"error: output: cannot create '{a_file}': '{a_file}' is a file "
+                                                      "(give a file path in a writable directory)"], err
+
+
+def test_a_full_disk_during_a_save_is_one_line(tmp_path, capsys, cache_dir, monkeypatch):
+    """No space left while a checkpoint is written: one line (a failed run, exit 3), not Lightning's
+    55-line traceback; nothing published."""
+    import errno
+
+    from fluid.utils import ckpt_io
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", full)
+    code, err = run_main("train", ["stage=0", "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1",
+                                   "data.source.n_train=32", "data.source.n_val=4", "test=false",
+                                   f"paths.cache_dir={cache_dir}", "trainer.enable_progress_bar=false"], tmp_path, capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 3 and lines[-1].startswith("failed: checkpoint: no space left writing"), err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "artifacts").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"

@@ -128,14 +128,34 @@ class GSM8KSource(_ReadOnUse):
                 "test": _limit(test, self.n_test)}
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def jsonl_example(row: dict, n: int, path: str) -> dict:
+    def bad(problem: str) -> FluidConfigError:
+        return FluidConfigError("data.source", f"{path}:{n} {problem}")
+
+    if not isinstance(row, dict):
+        raise bad(f"is a {type(row).__name__}, not an object with 'prompt'/'response' or 'messages'")
     if "messages" in row:
         msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise bad("has 'messages' that is not a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise bad(f"message {i} needs a role ({' | '.join(ROLES)}) and a string content, got {m!r:.80}")
+        if msgs[-1]["role"] != "assistant" and "answer" not in row:  # a test row may give its answer apart
+            raise bad("ends with a {!r} turn: the last message is the response to learn (role assistant)".format(
+                msgs[-1]["role"]))
     elif "prompt" in row and "response" in row:
+        if not isinstance(row["prompt"], str) or not isinstance(row["response"], str):
+            raise bad("has a 'prompt' or 'response' that is not a string")
         msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
     else:
-        raise FluidConfigError("data.source", f"{path}:{n} needs 'prompt'/'response' or 'messages'")
+        raise bad("needs 'prompt'/'response' or 'messages'")
     answer = row.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise bad(f"has an 'answer' that is not a string or number, got {answer!r:.80}")
     if answer is None:
         answer = msgs[-1]["content"].rsplit("####", 1)[-1].strip() if msgs[-1]["role"] == "assistant" else ""
     return {"messages": msgs, "answer": str(answer)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                from fluid.utils.errors import FluidRunError
+
+                raise FluidRunError("checkpoint", f"no space left writing {str(path)!r} ({e.strerror})",
+                                    "free space, then resume with ckpt_path=last: the previous checkpoint is intact") from None
             raise
 
 
