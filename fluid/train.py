@@ -76,7 +76,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    recipe = _recipe_line()
+    log.info(recipe)  # the first line: which conf/experiment file shaped this run
+    (run_dir / "config.yaml").write_text(f"# {recipe}\n" + OmegaConf.to_yaml(cfg, resolve=True))
     write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
     metrics: dict[str, Any] = {"status": "failed"}
     trainer = None
@@ -151,6 +153,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
+
+
+def _recipe_line() -> str:
+    """``recipe: conf/experiment/NAME.yaml`` (given as experiment=NAME, or the backbone's own for
+    this stage, which train.yaml applies when it exists), or ``recipe: none``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "recipe: unknown (composed outside a Hydra app)"
+    name = HydraConfig.get().runtime.choices.get("experiment")
+    if not name:
+        return "recipe: none (the stage's own defaults)"
+    chosen = any(o.split("=", 1)[0].lstrip("+") == "experiment" for o in HydraConfig.get().overrides.task)
+    how = "experiment=" + name if chosen else "the backbone's own recipe for this stage; ~experiment drops it"
+    return f"recipe: conf/experiment/{name}.yaml ({how})"
 
 
 def _apply_global_batch(cfg: DictConfig) -> None:

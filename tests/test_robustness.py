@@ -626,3 +626,17 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, capsys, cache_dir, monk
     assert code == 3 and lines[-1].startswith("failed: checkpoint: no space left writing"), err[-2000:]
     assert "Traceback" not in err and not (tmp_path / "artifacts").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["stage=1"], "# recipe: conf/experiment/tiny_stage1.yaml (the backbone's own recipe for this stage"),
+    (["stage=1", "~experiment"], "# recipe: none"),
+    (["stage=1", "experiment=tiny_stage1_long"], "# recipe: conf/experiment/tiny_stage1_long.yaml (experiment="),
+])
+def test_a_run_names_the_recipe_it_applied(overrides, line, tmp_path, capsys):
+    """A recipe file chosen by its name alone changes a run: the run says which, in config.yaml
+    and in its log."""
+    code, _ = run_main("train", [*overrides, "stage.module.optim.lr=-1"], tmp_path, capsys)  # stops after writing them
+    assert code == 2
+    assert (tmp_path / "run" / "config.yaml").read_text().splitlines()[0].startswith(line)
+    assert line[2:] in (tmp_path / "run" / "train.log").read_text()
