@@ -226,3 +226,17 @@ def _keys_of(config_name: str) -> list[str]:
         return dotted_keys(compose(config_name, []))
     except Exception:  # noqa: BLE001
         return []
+
+
+def run_entry_point(config_name: str, hydra_main, argv: list[str] | None = None) -> None:
+    """An entry point's ``main``: :func:`preflight` the command line (one line, exit 2), then
+    Hydra on it (``stage=1`` quoted, as Hydra takes a group choice only as a string)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    msg = preflight(config_name, argv)
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv[1:] = quote_numeric_group_overrides(argv)
+    hydra_main()

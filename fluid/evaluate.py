@@ -22,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fluid.config import CONF_DIR, preflight, register_resolvers
+from fluid.config import CONF_DIR, register_resolvers, run_entry_point
 from fluid.decoding.config import DecodeConfig, register_decode_config
 from fluid.decoding.setup import build_decoder, decode_config
 from fluid.eval.records import sample_records, sample_table
@@ -245,11 +245,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    msg = preflight("evaluate", sys.argv[1:])
-    if msg:
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+    run_entry_point("evaluate", _hydra_main)
 
 
 if __name__ == "__main__":

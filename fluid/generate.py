@@ -102,15 +102,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    import sys
+    from fluid.config import run_entry_point
 
-    from fluid.config import preflight
-
-    msg = preflight("generate", sys.argv[1:])
-    if msg:
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+    run_entry_point("generate", _hydra_main)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fluid.config import CONF_DIR, expand_recipe, preflight, quote_numeric_group_overrides, register_resolvers
+from fluid.config import CONF_DIR, expand_recipe, register_resolvers, run_entry_point
 from fluid.utils.build import instantiate, instantiate_dict
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
@@ -305,13 +305,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    argv = expand_recipe(sys.argv[1:])
-    msg = preflight("train", argv)
-    if msg:
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    sys.argv[1:] = quote_numeric_group_overrides(argv)
-    _hydra_main()
+    run_entry_point("train", _hydra_main, expand_recipe(sys.argv[1:]))
 
 
 if __name__ == "__main__":
