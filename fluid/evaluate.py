@@ -124,7 +124,9 @@ def _evaluate(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], stop: Gra
         records, names = _loglikelihood(bench, fm, samples, ids, base.batch_size, metrics, cfg.progress)
         x_label, x_key = "samples/s (log-likelihood scoring)", "samples_per_s"
     else:
-        _, dec = build_decoder(cfg.checkpoint, base, stop_strings=list(bench.stop_strings), fm=fm)
+        # the decoder's own settings are AR's (the `ar` row); every setting passes its fields per call,
+        # checked against the checkpoint above (a stage-0 model has no K-head for the base's horizon)
+        _, dec = build_decoder(cfg.checkpoint, replace(base, algorithm="ar"), stop_strings=list(bench.stop_strings), fm=fm)
         peers = _baselines(cfg, fm, base, bench, settings)
         for dcfg in settings.values():  # window=cost measures the model's forward-cost curve once, untimed
             dec.calibrate([base.batch_size], **fields_of(dcfg))
