@@ -29,8 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, expand_recipe, quote_numeric_group_overrides, register_resolvers
 from fluid.utils.errors import FluidConfigError, FluidRunError, one_line_errors
+from fluid.utils.signals import GracefulStop, Terminated
 
 log = logging.getLogger("fluid.demo")
+CHILD_GRACE_S = 60  # how long a step may take to save and stop after the demo passes it a signal
 ROWS = ("ar_prior", "ar_stage1", "fluid", "fluid_fixed_k", "fluid_noverify")
 COLUMNS = ("accuracy", "tpf", "tokens_per_s", "speedup_vs_ar", "identical_to_ar")
 
@@ -101,7 +103,19 @@ class Step:
         log_path = self.run_dir.parent / f"{self.name}.log"
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as logf:
-            r = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT)
+            child = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+            try:
+                child.wait()
+            except Terminated as e:  # the demo was told to stop: so is its step (it saves what it has)
+                child.send_signal(e.signum)
+                try:
+                    child.wait(timeout=CHILD_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                print(f"[demo] {self.name}: stopped ({e}); see {log_path}", flush=True)
+                raise
+        r = child
         seconds = time.perf_counter() - t0
         if r.returncode != 0:
             tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -422,7 +436,12 @@ def main(argv: list[str] | None = None) -> None:
         raise FluidConfigError(unknown[0], "is not a fluid.demo option", "see conf/demo.yaml")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
-    run_demo(demo)
+    try:
+        with GracefulStop():  # SIGTERM / SIGINT: the running step gets the signal too, then the demo exits
+            run_demo(demo)
+    except Terminated as e:
+        print(f"terminated: {e} (finished steps are kept and reused by the next run)", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

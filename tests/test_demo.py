@@ -5,6 +5,7 @@ changed setting reruns only the steps it reaches."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -74,3 +75,35 @@ def test_demo_refuses_an_unknown_option(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fluid.demo", f"out_dir={tmp_path}", "stages=3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: stages:")
+
+
+def test_sigterm_stops_the_demo_and_its_running_step(tmp_path):
+    """SIGTERM while a step trains: the step gets the signal (it saves and marks its run
+    terminated), the demo exits 143 in bounded time, and no report claims a finished demo."""
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    slow = [a.replace("stage.max_steps=2,", "stage.max_steps=2000,").replace("trainer.val_check_interval=2,",
+                                                                            "trainer.val_check_interval=2000,")
+            for a in SMOKE]
+    proc = subprocess.Popen([sys.executable, "-m", "fluid.demo", f"out_dir={out}", *slow], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status = out / "stage0" / "metrics.json"
+    t0 = time.time()
+    while time.time() - t0 < 300 and proc.poll() is None:  # the step is running and past its first steps
+        if status.exists() and json.loads(status.read_text()).get("status") == "running":
+            time.sleep(8)  # into training
+            break
+        time.sleep(0.2)
+    child = json.loads(status.read_text())["pid"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith("terminated: SIGTERM received"), err[-2000:]
+    assert json.loads(status.read_text())["status"] == "terminated"
+    try:
+        os.kill(child, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive and not (out / "report.json").exists()
