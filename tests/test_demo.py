@@ -92,8 +92,9 @@ def test_sigterm_stops_the_demo_and_its_running_step(tmp_path):
     status = out / "stage0" / "metrics.json"
     t0 = time.time()
     while time.time() - t0 < 300 and proc.poll() is None:  # the step is running and past its first steps
-        if status.exists() and json.loads(status.read_text()).get("status") == "running":
-            time.sleep(8)  # into training
+        log = out / "stage0.log"  # the step's output: Lightning's model summary opens its fit loop
+        if status.exists() and log.exists() and "Trainable params" in log.read_text():
+            time.sleep(3)  # into training
             break
         time.sleep(0.2)
     child = json.loads(status.read_text())["pid"]
