@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,9 @@ def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
         raise FluidConfigError("ckpt_path", f"{str(path)!r} is already at step {step}, and trainer.max_steps is "
                                f"{max_steps}: nothing to train", "raise stage.max_steps to train further")
     log.info("resuming from %s (step %s)", path, step)
+    # Lightning warns that a mid-epoch resume may repeat data unless the loader is stateful; the
+    # training sampler (data/datamodule.ResumableSampler) continues from the restored batch count
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     return str(path)
 
 

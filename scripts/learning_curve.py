@@ -7,7 +7,8 @@ Each checkpoint decodes the first ``--limit`` GSM8K test problems at batch 1 wit
 windows (``decode.window=cost``), lanes only and lanes + n-gram drafts, and the fraction of
 lane drafts that verification accepted at each depth is counted. The cost curve is fixed
 (``--cost-curve``, the 2-core CPU's measured one by default), so TPF does not depend on what else
-the machine runs: no time is reported. Prints a table, writes JSON and a plot (``.png`` beside it).
+the machine runs: no time is reported, but the speedup over AR that the curve predicts is
+(``cost_speedup``: AR's cost over the cost of the forwards taken). Prints a table, writes JSON and a plot (``.png`` beside it).
 Every row is checked token-identical to the checkpoint's greedy AR output.
 """
 
@@ -20,7 +21,16 @@ from pathlib import Path
 # relative cost of a forward over 1..17 new tokens, SmolLM2-135M fp32 on 2 CPU cores (docs/results.md)
 CPU_CURVE = [1.0, 1.25, 1.42, 1.56, 1.63, 1.70, 1.77, 1.84, 1.88, 1.92, 1.96, 2.0, 2.04, 2.08, 2.12, 2.15, 2.18]
 SETTINGS = {"lanes": {"window": "cost", "lane_len": 4},
-            "lanes_ngram": {"window": "cost", "lane_len": 4, "ngram": True}}
+            "lanes_ngram": {"window": "cost", "lane_len": 4, "ngram": True},
+            "ngram": {"window": "cost", "lane_len": 0, "ngram": True}}
+
+
+def cost_speedup(rows, curve: list[float]) -> float:
+    """Speedup over AR that the cost curve predicts: AR's cost (one 1-token forward per token) over
+    the cost of the forwards these rows took (``horizons``: the new tokens of each forward)."""
+    c = list(curve)
+    spent = sum(c[min(q, len(c)) - 1] for r in rows for q in r.horizons)
+    return sum(len(r.tokens) for r in rows) * c[0] / spent
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--cost-curve", type=float, nargs="+", default=CPU_CURVE)
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="decode settings for every row, e.g. explore=0.5 (recorded in each row)")
     ap.add_argument("--out", default="outputs/bench/learning_curve.json")
     ap.add_argument("--append", action="store_true",
                     help="add these rows to those already in --out (a checkpoint evaluated as its run reaches it)")
@@ -42,10 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     if len(args.steps) != len(args.checkpoints) or (args.labels and len(args.labels) != len(args.checkpoints)):
         ap.error("--checkpoints, --steps (and --labels) need one entry each")
 
+    import yaml
+
     from fluid.decoding.setup import build_decoder
     from fluid.utils.build import build
     from fluid.utils.compose import compose
 
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     bench = build(compose("evaluate", [f"benchmark={args.benchmark}"]).benchmark)
     samples = bench.samples(args.limit)
     out = Path(args.out)
@@ -69,17 +84,18 @@ def main(argv: list[str] | None = None) -> dict:
             ref_file.parent.mkdir(parents=True, exist_ok=True)
             ref_file.write_text(json.dumps({**key, "tokens": ref}))
         original = ref if exact else original
-        row = {"series": args.labels[i] if args.labels else "run", "step": step, "checkpoint": ckpt}
+        row = {"series": args.labels[i] if args.labels else "run", "step": step, "checkpoint": ckpt, **extra}
         for name in args.settings:
-            res = dec.generate(ids, cost_curve=args.cost_curve, **SETTINGS[name])
+            res = dec.generate(ids, cost_curve=args.cost_curve, **{**SETTINGS[name], **extra})
             if res["tokens"] != ref:
                 raise SystemExit(f"{ckpt} {name}: not identical to greedy AR (a decoding bug)")
             row[f"{name}/tpf"] = res["tpf"]
+            row[f"{name}/cost_speedup"] = cost_speedup(res["rows"], args.cost_curve)
         # lane drafts accepted by depth, from the first setting's counts (n-gram drafts are counted apart)
         acc = next(iter(dec._acceptance.values()))
         row["lane_depth_acceptance"] = (acc.depth_a[1:5] / acc.depth_n[1:5].clip(min=1)).round(3).tolist()
         rows = [r for r in rows if (r["series"], r["step"]) != (row["series"], step)] + [row]
-        tpfs = ", ".join(f"{n} {row[f'{n}/tpf']:.3f}" for n in args.settings)
+        tpfs = ", ".join(f"{n} {row[f'{n}/tpf']:.3f} ({row[f'{n}/cost_speedup']:.3f}x)" for n in args.settings)
         print(f"{row['series']:>10} step {step:>5}: TPF {tpfs}, lane acceptance by depth "
               f"{row['lane_depth_acceptance']}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)

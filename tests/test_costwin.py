@@ -8,7 +8,7 @@ import torch
 
 from fluid.decoding import DecodeConfig, FluidDecoder
 from fluid.decoding.cost import ForwardCost, measure_curve
-from fluid.decoding.costwin import best_window
+from fluid.decoding.costwin import Acceptance, Draft, RowState, best_window, plan
 from fluid.decoding.ngram import NgramIndex
 from tests.conftest import DECODE_VOCAB as VOCAB
 from tests.conftest import Tok, ar_reference, constant_model, random_prompts, tiny_model
@@ -40,7 +40,8 @@ def test_cost_windows_are_lossless(arch, batch_size):
     model = tiny_model(arch, vocab_size=VOCAB, seed=1)
     ps = random_prompts(3, VOCAB, seed=2) + repetitive_prompts(3, seed=3)
     ref = ar_reference(model, ps, 32)
-    for setting in ({"ngram": True}, {}, {"ngram": True, "lane_len": 4}, {"ngram": True, "ngram_max": 1}):
+    for setting in ({"ngram": True}, {}, {"ngram": True, "lane_len": 4}, {"ngram": True, "ngram_max": 1},
+                    {"ngram": True, "lane_len": 4, "explore": 1.0}):
         for curve in (CHEAP, STEEP):
             out = decoder(model, batch_size=batch_size, max_new_tokens=32, cost_curve=curve, **setting).generate(ps)
             assert out["tokens"] == ref, (setting, curve)
@@ -83,6 +84,35 @@ def test_lanes_draft_when_drafts_are_good():
     out = decoder(model, batch_size=3, max_new_tokens=40, k_max=8, cost_curve=CHEAP).generate(ps)
     assert out["tokens"] == ref
     assert out["tpf"] > 4
+
+
+def test_exploration_tries_a_lane_again_after_early_misses():
+    """Ten early misses at lane depth 1 put its plain estimate below break-even: without
+    exploration no lane is carried again however long the run (its count never moves); with it
+    the estimate rises with the forwards planned until a lane is tried, and a depth whose count is
+    large is estimated at its mean."""
+    cost = (np.array([np.inf, 1.0, 1.3, 1.6, 1.9, 2.2]), None)
+    cfg = DecodeConfig(window="cost", lane_len=4, k_max=4)
+    first = {}
+    for explore in (0.0, 0.5):
+        acc = Acceptance(explore)
+        for _ in range(10):
+            acc.record([Draft(1, "lane", 0.9, 1)], [2])
+        for t in range(2000):
+            row = RowState(exact=0, pos=0, ngram=None)
+            plan(row, cfg, acc, 4, cost, room=100)
+            if row.m:
+                first[explore] = t
+                break
+    assert 0.0 not in first
+    assert 0 < first[0.5] < 2000
+    acc = Acceptance(0.5)
+    acc.t = 10_000
+    for i in range(100_000):  # three hits in four
+        acc.record([Draft(1, "lane", 0.9, 1)], [1 if i % 4 else 2])
+    assert acc.lane_depth(1)[1] == pytest.approx(0.75, abs=0.01)
+    with pytest.raises(ValueError, match="decode.explore"):
+        DecodeConfig(explore=-1.0).validate()
 
 
 def test_eos_inside_drafts_and_ragged_rows():

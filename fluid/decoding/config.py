@@ -49,6 +49,9 @@ class DecodeConfig:
     ngram_min: int = 1
     ngram_max: int = 3
     ngram_draft: int = 10           # at most this many drafted tokens per lookup
+    # window=cost: optimism of the acceptance estimates, mean + explore * sqrt(ln t / n) (UCB), so
+    # that a draft source or lane depth that missed early is tried again; 0: plain means
+    explore: float = 0.0
 
     @property
     def fill_threshold(self) -> float:
@@ -98,6 +101,8 @@ class DecodeConfig:
             raise ValueError(f"decode.ngram_min/ngram_max: need 1 <= min <= max, got {self.ngram_min}, {self.ngram_max}")
         if self.ngram_draft < 1:
             raise ValueError(f"decode.ngram_draft must be >= 1, got {self.ngram_draft}")
+        if self.explore < 0:
+            raise ValueError(f"decode.explore must be >= 0, got {self.explore}")
         if self.cost_curve is not None and (len(self.cost_curve) < 1 or min(self.cost_curve) <= 0):
             raise ValueError(f"decode.cost_curve must be a list of positive numbers or null, got {self.cost_curve}")
         if self.token_budget is not None and self.token_budget < 2:

@@ -16,7 +16,8 @@ A row's forward carries ``[exact, d drafts, m MASK lane slots]``:
 ``d`` and ``m`` maximise ``(1 + E[accepted drafts] + P[all accepted] * E[accepted lane drafts]) /
 cost(1 + d + m)``, with ``cost`` the model's measured forward-cost curve
 (:mod:`fluid.decoding.cost`) and the acceptance of each draft estimated from what this run has
-seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth). Without
+seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth), each
+raised by an exploration bonus that shrinks as its count grows (``decode.explore``). Without
 a MASK token (a plain checkpoint) there is no lane and this is training-free n-gram drafting with
 windows sized by their cost.
 """
@@ -55,11 +56,18 @@ class Acceptance:
     accepted drafts of a lane of ``m`` slots not yet run, from the depth rates. Each is the chance
     that the draft is right given the ones before it were. Every candidate chain is scored against
     the tokens the forward revealed, whether it was carried or not, so a source that is never
-    carried is still measured."""
+    carried is still measured at depth 1; deeper drafts and lane slots are measured only when
+    carried. So that a few early misses cannot keep a source out for the rest of a run, every
+    estimate is optimistic (UCB): its mean plus ``explore * sqrt(ln t / n)``, with ``n`` its count
+    (prior included) and ``t`` the forwards planned so far, capped at 1. A source that is not
+    carried keeps its count while ``t`` grows, so its estimate rises until it is tried again;
+    one that is tried often converges to its mean. ``explore=0``: the plain means."""
 
     PRIOR_W = 2.0
 
-    def __init__(self):
+    def __init__(self, explore: float = 0.0):
+        self.explore = float(explore)
+        self.t = 0  # row-forwards planned with these estimates
         self.bins = 10
         self.lane_n = np.full(self.bins, self.PRIOR_W)
         self.lane_a = (np.arange(self.bins) + 0.5) / self.bins * self.PRIOR_W
@@ -71,16 +79,22 @@ class Acceptance:
     def _bin(self, p: float) -> int:
         return min(self.bins - 1, max(0, int(p * self.bins)))
 
+    def _rate(self, a, n):
+        """``a / n`` plus the exploration bonus, capped at 1 (arrays or scalars)."""
+        if not self.explore:
+            return a / n
+        return np.minimum(1.0, a / n + self.explore * np.sqrt(np.log(max(self.t, 2)) / n))
+
     def estimate(self, src: str, p: float, j: int) -> float:
         if src == "lane":
             b = self._bin(p)
-            return float(self.lane_a[b] / self.lane_n[b])
+            return float(self._rate(self.lane_a[b], self.lane_n[b]))
         j = min(j, DEPTHS)
-        return float(self.ngram_a[j] / self.ngram_n[j])
+        return float(self._rate(self.ngram_a[j], self.ngram_n[j]))
 
     def lane_depth(self, m: int) -> np.ndarray:
         """Expected accepted drafts of a lane of ``0..m`` slots (cumulative)."""
-        rate = self.depth_a[1: m + 1] / self.depth_n[1: m + 1]
+        rate = self._rate(self.depth_a[1: m + 1], self.depth_n[1: m + 1])
         return np.concatenate([[0.0], np.cumsum(np.cumprod(rate))])
 
     def record(self, chain: list["Draft"], truth: list[int]) -> None:
@@ -141,6 +155,7 @@ def best_window(est: list[float], lane_gain: np.ndarray, cost: np.ndarray,
 def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple, room: int) -> None:
     """Pick this forward's drafts and lane length for ``row`` (sets ``row.chain`` and ``row.m``);
     ``room``: tokens the row may still generate."""
+    acc.t += 1
     width = min(cfg.k_max - 1, room - 1)
     lane_max = min(lane_max, max(0, room - 1))
     lane_gain = acc.lane_depth(lane_max)

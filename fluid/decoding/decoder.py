@@ -91,8 +91,11 @@ class FluidDecoder:
         if ckey not in self._costs:
             self._costs[ckey] = ForwardCost(self.model, cfg.cost_curve,
                                             mask_id=self.mask_id if costwin.lane_length(cfg, self.mask_id) else None)
-        akey = (cfg.ngram, cfg.ngram_min, cfg.ngram_max, cfg.ngram_draft, cfg.lane_len, cfg.share_verify_draft)
-        return {"cost": self._costs[ckey], "acceptance": self._acceptance.setdefault(akey, costwin.Acceptance())}
+        akey = (cfg.ngram, cfg.ngram_min, cfg.ngram_max, cfg.ngram_draft, cfg.lane_len, cfg.share_verify_draft,
+                cfg.explore)
+        if akey not in self._acceptance:
+            self._acceptance[akey] = costwin.Acceptance(cfg.explore)
+        return {"cost": self._costs[ckey], "acceptance": self._acceptance[akey]}
 
     def calibrate(self, batch_sizes: Sequence[int] = (1,), **overrides) -> None:
         """Measure the forward-cost curves that ``window=cost`` will use at these batch sizes now
