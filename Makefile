@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)  ## create the virtual environment (idempotent)
 
 test: $(STAMP)  ## the default test suite (CPU, no slow or GPU tests)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-slow: $(STAMP)  ## slow tests (real SmolLM2 checkpoint, long runs)
 	$(BIN)/python -m pytest -q -m slow

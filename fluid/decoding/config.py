@@ -49,8 +49,8 @@ class DecodeConfig:
     ngram_min: int = 1
     ngram_max: int = 3
     ngram_draft: int = 10           # at most this many drafted tokens per lookup
-    # window=cost: optimism of the acceptance estimates, mean + explore * sqrt(ln t / n) (UCB), so
-    # that a draft source or lane depth that missed early is tried again; 0: plain means
+    # window=cost: optimism of the lane's depth rates, mean + explore * sqrt(ln t / n) (UCB), so that
+    # lanes whose first drafts missed are tried again (a lane is measured only when carried); 0: plain means
     explore: float = 0.0
 
     @property

@@ -16,8 +16,9 @@ A row's forward carries ``[exact, d drafts, m MASK lane slots]``:
 ``d`` and ``m`` maximise ``(1 + E[accepted drafts] + P[all accepted] * E[accepted lane drafts]) /
 cost(1 + d + m)``, with ``cost`` the model's measured forward-cost curve
 (:mod:`fluid.decoding.cost`) and the acceptance of each draft estimated from what this run has
-seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth), each
-raised by an exploration bonus that shrinks as its count grows (``decode.explore``). Without
+seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth),
+and a lane's depth rates raised by an exploration bonus that shrinks as their counts grow
+(``decode.explore``). Without
 a MASK token (a plain checkpoint) there is no lane and this is training-free n-gram drafting with
 windows sized by their cost.
 """
@@ -56,12 +57,13 @@ class Acceptance:
     accepted drafts of a lane of ``m`` slots not yet run, from the depth rates. Each is the chance
     that the draft is right given the ones before it were. Every candidate chain is scored against
     the tokens the forward revealed, whether it was carried or not, so a source that is never
-    carried is still measured at depth 1; deeper drafts and lane slots are measured only when
-    carried. So that a few early misses cannot keep a source out for the rest of a run, every
-    estimate is optimistic (UCB): its mean plus ``explore * sqrt(ln t / n)``, with ``n`` its count
-    (prior included) and ``t`` the forwards planned so far, capped at 1. A source that is not
-    carried keeps its count while ``t`` grows, so its estimate rises until it is tried again;
-    one that is tried often converges to its mean. ``explore=0``: the plain means."""
+    carried is still measured. Lane slots are the exception: a lane's drafts exist only if the
+    previous forward carried MASK slots, so a few early misses could keep lanes out for the rest of
+    a run. Their depth rates are therefore optimistic (UCB): the mean plus
+    ``explore * sqrt(ln t / n)``, with ``n`` the depth's count (prior included) and ``t`` the
+    forwards planned so far, capped at 1. While no lane is carried its count stays and ``t`` grows,
+    so the estimate rises until a lane is tried again; a depth tried often converges to its mean.
+    ``explore=0``: the plain means."""
 
     PRIOR_W = 2.0
 
@@ -88,9 +90,9 @@ class Acceptance:
     def estimate(self, src: str, p: float, j: int) -> float:
         if src == "lane":
             b = self._bin(p)
-            return float(self._rate(self.lane_a[b], self.lane_n[b]))
+            return float(self.lane_a[b] / self.lane_n[b])
         j = min(j, DEPTHS)
-        return float(self._rate(self.ngram_a[j], self.ngram_n[j]))
+        return float(self.ngram_a[j] / self.ngram_n[j])
 
     def lane_depth(self, m: int) -> np.ndarray:
         """Expected accepted drafts of a lane of ``0..m`` slots (cumulative)."""
