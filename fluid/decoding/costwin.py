@@ -13,8 +13,9 @@ A row's forward carries ``[exact, d drafts, m MASK lane slots]``:
 * The ``m`` lane slots follow the last draft: if every draft is accepted they draft the next
   forward (a lane anchored on a wrong draft is discarded).
 
-``d`` and ``m`` maximise ``(1 + E[accepted drafts] + P[all accepted] * E[accepted lane drafts]) /
-cost(1 + d + m)``, with ``cost`` the model's measured forward-cost curve
+``d`` and ``m`` maximise ``(1 + E[accepted drafts] + P[all accepted] * V[lane]) / cost(1 + d + m)``,
+with ``V`` a lane's expected accepted drafts less the cost of verifying them next forward
+(:func:`net_lane_gain`), with ``cost`` the model's measured forward-cost curve
 (:mod:`fluid.decoding.cost`) and the acceptance of each draft estimated from what this run has
 seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth),
 and a lane's depth rates raised by an exploration bonus that shrinks as their counts grow
@@ -154,13 +155,26 @@ def best_window(est: list[float], lane_gain: np.ndarray, cost: np.ndarray,
     return int(d), int(m), float(rate[d, m])
 
 
+def net_lane_gain(gain: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """What a lane of ``0..m`` slots is worth, in tokens, to the forward that carries it.
+
+    ``gain[j]``: the expected accepted drafts of a lane's first ``j`` slots. Those drafts are
+    committed only by the next forward, which pays for the ``j`` slots that carry them: a lane is
+    worth the best ``j <= m`` of its expected accepted drafts less the tokens that extra cost would
+    have bought at a plain forward's rate, ``(cost[1 + j] - cost[1]) / cost[1]`` (never below 0).
+    Counting the drafts at full value would credit them once here and again when verified."""
+    j = np.arange(len(gain))
+    extra = (cost[np.minimum(1 + j, len(cost) - 1)] - cost[1]) / cost[1]
+    return np.maximum.accumulate(np.maximum(0.0, gain - extra))
+
+
 def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple, room: int) -> None:
     """Pick this forward's drafts and lane length for ``row`` (sets ``row.chain`` and ``row.m``);
     ``room``: tokens the row may still generate."""
     acc.t += 1
     width = min(cfg.k_max - 1, room - 1)
     lane_max = min(lane_max, max(0, room - 1))
-    lane_gain = acc.lane_depth(lane_max)
+    lane_gain = net_lane_gain(acc.lane_depth(lane_max), cost[0])
     options = []
     if row.lane:
         options.append(row.lane[:width])
