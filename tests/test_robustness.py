@@ -1,4 +1,4 @@
-"""Runs that survive a cluster (issue 12): bad inputs fail before any model is built with one line
+"""Runs that survive a cluster: bad inputs fail before any model is built with one line
 naming the key (exit 2) and publish nothing; a NaN loss stops the run; a 2-device DDP run of
 stage 1 completes."""
 
