@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(run_dir / "metrics.json", {"status": "running", "pid": os.getpid()})
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
-        resume = _resume_from(cfg, run_dir)
+        resume, resume_step = _resume_from(cfg, run_dir)
         orphans = remove_orphans(run_dir / "checkpoints") if _rank_zero(None) else []
         if orphans:
             log.warning("removed %d temporary file(s) a kill during a save left: %s", len(orphans),
@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule = instantiate(cfg.data, "data", tokenizer=tokenizer, _recursive_=True)
         module = build_module(cfg, spec, tokenizer)
         loggers = instantiate_dict(cfg.logger, "logger")
+        if resume:
+            _keep_csv_history(loggers, resume_step)
         callbacks = [c for c in instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
         strategy = _strategy(cfg)
@@ -197,8 +199,8 @@ def _plugins(strategy) -> list:
     return [] if "DeepSpeed" in name or "FSDP" in name or "deepspeed" in name or "fsdp" in name else [AtomicCheckpointIO()]
 
 
-def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``ckpt_path=last``: this run directory's newest checkpoint (by the step inside);
+def _resume_from(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int | None]:
+    """(file, its step). ``ckpt_path=last``: this run directory's newest checkpoint (by the step inside);
     ``ckpt_path=FILE``: that file. Refused in one line, before any work: a file that is not a
     readable checkpoint, one another stage, backbone or adapter setting wrote, and one that is
     already at ``trainer.max_steps`` (it would train nothing and publish its weights as new)."""
@@ -206,7 +208,7 @@ def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
 
     want = cfg.get("ckpt_path")
     if not want:
-        return None
+        return None, None
     path = newest_checkpoint(run_dir / "checkpoints") if want == "last" else Path(want)
     if path is None or not path.exists():  # a file, or a directory where DeepSpeed saved one
         raise FluidConfigError("ckpt_path", f"{str(path or run_dir / 'checkpoints' / 'last.ckpt')!r} does not exist",
@@ -227,7 +229,24 @@ def _resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
     # Lightning warns that a mid-epoch resume may repeat data unless the loader is stateful; the
     # training sampler (data/datamodule.ResumableSampler) continues from the restored batch count
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    return str(path)
+    return str(path), step
+
+
+def _keep_csv_history(loggers: list, resumed_step: int | None) -> None:
+    """Lightning's CSVLogger deletes ``metrics.csv`` when it starts in a directory that has one: a
+    resumed run keeps the rows its checkpoint's steps logged (later ones are logged again)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    for lg in loggers:
+        path = Path(lg.log_dir) / "metrics.csv" if isinstance(lg, CSVLogger) else None
+        if path is None or not path.is_file() or not _rank_zero(None):
+            continue
+        with open(path, newline="") as f:
+            old = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        old = [r for r in old if resumed_step is None or int(float(r.get("step", 0))) < resumed_step]
+        lg.experiment.metrics[:0] = old  # the writer deleted the file; its first save writes these first
 
 
 def _previous_status(run_dir: Path) -> str | None:

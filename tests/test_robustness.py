@@ -302,6 +302,23 @@ def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir):
     assert sorted(by_step.items()) == _batches(full)
 
 
+def test_a_resumed_run_keeps_the_metrics_its_first_part_logged(tmp_path, cache_dir):
+    """Lightning's CSV logger deletes ``metrics.csv`` when it starts in a directory that has one;
+    a run resumed with ``ckpt_path=last`` keeps the rows of the steps before its checkpoint."""
+    import csv
+
+    run = tmp_path / "run"
+    log1 = ["trainer.log_every_n_steps=1"]
+    r = subprocess.run(_stage0_cmd(run, cache_dir, 4, *log1), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(_stage0_cmd(run, cache_dir, 8, *log1, "ckpt_path=last"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert steps == list(range(min(steps), 8)) and min(steps) <= 1, steps
+
+
 def test_published_pangu_recipes_compose_with_their_values(tmp_path):
     """``experiment=pangu7b_stage1`` alone: the stage, backbone, strategy and trainer it implies,
     and the published hyperparameters."""
