@@ -81,9 +81,13 @@ def test_lanes_draft_when_drafts_are_good():
     model = constant_model()
     ps = random_prompts(3, VOCAB, seed=4)
     ref = ar_reference(model, ps, 40)
-    out = decoder(model, batch_size=3, max_new_tokens=40, k_max=8, cost_curve=CHEAP).generate(ps)
+    out = decoder(model, batch_size=3, max_new_tokens=40, k_max=8, cost_curve=CHEAP, explore=0.0).generate(ps)
     assert out["tokens"] == ref
     assert out["tpf"] > 4
+    # exploration's optimism carries full lanes from the first forward, before the lane's (low
+    # probability) drafts are trusted: a few forwards of lane slots without drafts, then the same
+    explore = decoder(model, batch_size=3, max_new_tokens=40, k_max=8, cost_curve=CHEAP, explore=1.0).generate(ps)
+    assert explore["tokens"] == ref and explore["tpf"] > 3.5
 
 
 def test_exploration_tries_a_lane_again_after_early_misses():
