@@ -8,7 +8,7 @@ import torch
 
 from fluid.decoding import DecodeConfig, FluidDecoder
 from fluid.decoding.cost import ForwardCost, measure_curve
-from fluid.decoding.costwin import Acceptance, Draft, RowState, best_window, net_lane_gain, plan
+from fluid.decoding.costwin import Acceptance, Draft, RowState, best_window, net_lane_gain, plan, plan_batch, window_totals
 from fluid.decoding.ngram import NgramIndex
 from tests.conftest import DECODE_VOCAB as VOCAB
 from tests.conftest import Tok, ar_reference, constant_model, random_prompts, tiny_model
@@ -168,6 +168,55 @@ def test_a_lane_is_worth_its_drafts_less_the_cost_of_verifying_them():
         row = RowState(exact=0, pos=0, ngram=None)
         plan(row, cfg, acc, 4, (cpu, None), room=100)
         assert (row.m > 0) == carried, rate
+
+
+def _rows_with_lanes(rng, n):
+    rows = []
+    for _ in range(n):
+        r = RowState(exact=0, pos=0, ngram=None)
+        r.lane = [Draft(1, "lane", float(rng.uniform(0, 1)), s) for s in range(1, int(rng.integers(0, 6)) + 1)]
+        rows.append(r)
+    return rows
+
+
+def test_rows_sharing_a_forward_are_sized_together():
+    """plan_batch against a direct computation: the widest window sets the cost of every row's
+    forward, so the chosen width q maximises the rows' best expected tokens within q, together,
+    per unit of cost(q); with one row it picks what plan picks."""
+    rng = np.random.default_rng(3)
+    cfg = DecodeConfig(window="cost", lane_len=3, k_max=6)
+    for trial in range(30):
+        acc = Acceptance(0.0)
+        acc.lane_a[:] = rng.uniform(0.1, 0.9, acc.bins) * acc.lane_n
+        acc.depth_a[:] = rng.uniform(0.1, 0.9, len(acc.depth_n)) * acc.depth_n
+        plain = np.concatenate([[np.inf], 1 + np.cumsum(rng.uniform(0.02, 0.8, 10))])
+        plain[1] = 1.0
+        lane = plain * rng.uniform(1.0, 1.3)
+        n = int(rng.integers(1, 5))
+        rows = _rows_with_lanes(rng, n)
+        plan_batch(rows, cfg, acc, 3, (plain, lane), [100] * n)
+        got_q = max(1 + len(r.chain) + r.m for r in rows)
+        c = lane if any(r.m for r in rows) else plain
+        got = sum(window_totals([acc.estimate("lane", dr.p, j) for j, dr in enumerate(r.lane[:len(r.chain)], 1)],
+                                net_lane_gain(acc.lane_depth(3), plain))[len(r.chain), r.m] for r in rows) / c[got_q]
+        want = -1.0
+        for lanes, cc in ((False, plain), (True, lane)):
+            for q in range(1, len(plain)):
+                tot = 0.0
+                for r in rows:
+                    est = [acc.estimate("lane", dr.p, j) for j, dr in enumerate(r.lane[:5], 1)]
+                    t = window_totals(est, net_lane_gain(acc.lane_depth(3), plain))
+                    tot += max(t[d, m] for d in range(t.shape[0]) for m in range(t.shape[1])
+                               if d + m <= q - 1 and (lanes or m == 0))
+                want = max(want, tot / cc[q])
+        assert got == pytest.approx(want), trial
+        if n == 1:
+            alone = _rows_with_lanes(np.random.default_rng(trial), 1)[0]
+            alone.lane = rows[0].lane
+            plan(alone, cfg, acc, 3, (plain, lane), 100)
+            d, m, rate = best_window([acc.estimate("lane", dr.p, j) for j, dr in enumerate(alone.lane[:5], 1)],
+                                     net_lane_gain(acc.lane_depth(3), plain), plain, lane)
+            assert rate == pytest.approx(want)
 
 
 def test_ngram_index_against_brute_force():

@@ -15,13 +15,13 @@ A row's forward carries ``[exact, d drafts, m MASK lane slots]``:
 
 ``d`` and ``m`` maximise ``(1 + E[accepted drafts] + P[all accepted] * V[lane]) / cost(1 + d + m)``,
 with ``V`` a lane's expected accepted drafts less the cost of verifying them next forward
-(:func:`net_lane_gain`), with ``cost`` the model's measured forward-cost curve
-(:mod:`fluid.decoding.cost`) and the acceptance of each draft estimated from what this run has
-seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth),
-and a lane's depth rates raised by an exploration bonus that shrinks as their counts grow
-(``decode.explore``). Without
-a MASK token (a plain checkpoint) there is no lane and this is training-free n-gram drafting with
-windows sized by their cost.
+(:func:`net_lane_gain`); rows that share a forward are sized together, since the widest sets its
+cost (:func:`plan_batch`). ``cost`` is the model's measured forward-cost curve
+(:mod:`fluid.decoding.cost`); the acceptance of each draft is estimated from what this run has
+seen so far (:class:`Acceptance`: lane drafts by their probability, n-gram drafts by depth, a
+lane's depth rates raised by an exploration bonus that shrinks as their counts grow,
+``decode.explore``). Without a MASK token (a plain checkpoint) there is no lane and this is
+training-free n-gram drafting with windows sized by their cost.
 """
 
 from __future__ import annotations
@@ -138,18 +138,24 @@ class RowState:
     m: int = 0
 
 
+def window_totals(est: list[float], lane_gain: np.ndarray) -> np.ndarray:
+    """Expected committed tokens of a window of ``d`` drafts (estimates ``est``) and ``m`` lane
+    slots, ``1 + sum_j prod_{i<=j} est_i + P_d * lane_gain[m]``, as a ``(d+1, m+1)`` array."""
+    p = np.concatenate([[1.0], np.cumprod(est)]) if est else np.ones(1)
+    gain = 1 + np.concatenate([[0.0], np.cumsum(p[1:])])           # (d+1,)
+    return gain[:, None] + p[:, None] * lane_gain[None, :]
+
+
 def best_window(est: list[float], lane_gain: np.ndarray, cost: np.ndarray,
                 cost_lane: np.ndarray | None = None) -> tuple[int, int, float]:
     """``(d, m, rate)`` maximising ``(1 + sum_j prod_{i<=j} est_i + P_d * lane_gain[m]) / cost[1+d+m]``
     over ``d <= len(est)`` and ``m < len(lane_gain)`` (``cost_lane`` for windows with ``m > 0``)."""
-    p = np.concatenate([[1.0], np.cumprod(est)]) if est else np.ones(1)
-    gain = 1 + np.concatenate([[0.0], np.cumsum(p[1:])])           # (d+1,)
-    total = gain[:, None] + p[:, None] * lane_gain[None, :]         # (d+1, m+1)
-    q = 1 + np.arange(len(p))[:, None] + np.arange(len(lane_gain))[None, :]
+    total = window_totals(est, lane_gain)
+    q = 1 + np.arange(total.shape[0])[:, None] + np.arange(total.shape[1])[None, :]
     q = np.minimum(q, len(cost) - 1)
     c = cost[q]
     if cost_lane is not None:
-        c = np.where(np.arange(len(lane_gain))[None, :] > 0, cost_lane[q], c)
+        c = np.where(np.arange(total.shape[1])[None, :] > 0, cost_lane[q], c)
     rate = total / c
     d, m = np.unravel_index(int(np.argmax(rate)), rate.shape)
     return int(d), int(m), float(rate[d, m])
@@ -168,9 +174,11 @@ def net_lane_gain(gain: np.ndarray, cost: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(np.maximum(0.0, gain - extra))
 
 
-def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple, room: int) -> None:
-    """Pick this forward's drafts and lane length for ``row`` (sets ``row.chain`` and ``row.m``);
-    ``room``: tokens the row may still generate."""
+def _menu(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple,
+          room: int) -> tuple[list[tuple[list[Draft], list[float]]], np.ndarray]:
+    """What ``row`` may carry this forward: each draft source's chain with its acceptance
+    estimates (the empty chain if there is none), and the worth of a lane of ``0..m`` slots;
+    ``room``: tokens the row may still generate. Sets ``row.options`` (scored after the forward)."""
     acc.t += 1
     width = min(cfg.k_max - 1, room - 1)
     lane_max = min(lane_max, max(0, room - 1))
@@ -183,14 +191,69 @@ def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost:
         if toks:
             options.append([Draft(t, "ngram") for t in toks])
     row.options = options
+    menu = [(chain, [acc.estimate(dr.src, dr.p, j) for j, dr in enumerate(chain, start=1)])
+            for chain in options or [[]]]
+    return menu, lane_gain
+
+
+def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple, room: int) -> None:
+    """Pick this forward's drafts and lane length for a row alone in its forward (sets ``row.chain``
+    and ``row.m``): the window of the highest expected committed tokens per unit of its cost."""
+    menu, lane_gain = _menu(row, cfg, acc, lane_max, cost, room)
     best = (0, 0, -1.0, [])
-    for chain in options or [[]]:
-        est = [acc.estimate(dr.src, dr.p, j) for j, dr in enumerate(chain, start=1)]
+    for chain, est in menu:
         d, m, rate = best_window(est, lane_gain, *cost)
         if rate > best[2]:
             best = (d, m, rate, chain)
     d, m, _, chain = best
     row.chain, row.m = chain[:d], m
+
+
+def _best_within(totals: np.ndarray, width: int, lanes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For each ``k < width``: the most expected tokens of a window with ``d + m <= k`` (``m = 0``
+    unless ``lanes``), and its flat index in ``totals``."""
+    dd, mm = np.indices(totals.shape)
+    k = (dd + mm).ravel()
+    v = np.where(lanes | (mm == 0), totals, -np.inf).ravel()
+    best, arg = np.full(width, -np.inf), np.zeros(width, dtype=np.int64)
+    for i in np.argsort(k, kind="stable"):
+        if k[i] < width and v[i] > best[k[i]]:
+            best[k[i]], arg[k[i]] = v[i], i
+    for j in range(1, width):  # a wider budget may hold any narrower window
+        if best[j - 1] >= best[j]:
+            best[j], arg[j] = best[j - 1], arg[j - 1]
+    return best, arg
+
+
+def plan_batch(rows: list[RowState], cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple,
+               rooms: list[int]) -> None:
+    """Pick the drafts and lane slots of rows that share a forward. Its cost is set by the widest
+    row (the others are padded to it), so the rows are sized together: the width ``q`` (and whether
+    any row carries a lane, which in exact mode costs the whole forward the adapter) maximising the
+    rows' expected committed tokens together per unit of the batch forward's cost, each row taking
+    the window of most expected tokens that fits in ``q``. Alone (one row) this is :func:`plan`."""
+    plain, with_lane = cost
+    q_cap = len(plain) - 1
+    menus = [_menu(r, cfg, acc, lane_max, cost, room) for r, room in zip(rows, rooms)]
+    best = (-1.0, None, None)
+    for lanes in ((False, True) if lane_max else (False,)):
+        c = with_lane if lanes and with_lane is not None else plain
+        value, choice = np.zeros(q_cap), []
+        for menu, lane_gain in menus:
+            row_best, row_arg = np.full(q_cap, -np.inf), [None] * q_cap
+            for chain, est in menu:
+                totals = window_totals(est, lane_gain)
+                b, a = _best_within(totals, q_cap, lanes)
+                for k in np.flatnonzero(b > row_best):
+                    row_best[k], row_arg[k] = b[k], (chain, *np.unravel_index(int(a[k]), totals.shape))
+            value += row_best
+            choice.append(row_arg)
+        rate = value / c[1: q_cap + 1]
+        k = int(np.argmax(rate))
+        if rate[k] > best[0]:
+            best = (float(rate[k]), k, [ch[k] for ch in choice])
+    for r, (chain, d, m) in zip(rows, best[2]):
+        r.chain, r.m = chain[: int(d)], int(m)
 
 
 def decode(batch: DecodeBatch, stats: list[RowStats], cfg: DecodeConfig, ctx: Context) -> None:
@@ -212,8 +275,11 @@ def decode(batch: DecodeBatch, stats: list[RowStats], cfg: DecodeConfig, ctx: Co
         n = batch.size
         cost = ((ctx.cost.table(n, q_cap), ctx.cost.table(n, q_cap, lane=True) if lane_max else None)
                 if ctx.cost is not None else (np.arange(q_cap + 1, dtype=float), None))
-        for i, r in enumerate(rows):
-            plan(r, cfg, acc, lane_max, cost, ctx.rule.max_new_tokens - len(stats[int(batch.rows[i])].tokens))
+        rooms = [ctx.rule.max_new_tokens - len(stats[int(ri)].tokens) for ri in batch.rows.tolist()]
+        if n == 1:
+            plan(rows[0], cfg, acc, lane_max, cost, rooms[0])
+        else:
+            plan_batch(rows, cfg, acc, lane_max, cost, rooms)
         qlen = np.array([1 + len(r.chain) + r.m for r in rows])
         q = int(qlen.max())
         ids = np.full((n, q), mask_id if mask_id is not None else 0, dtype=np.int64)
