@@ -114,7 +114,9 @@ def test_exploration_tries_a_lane_again_after_early_misses():
     acc.t = 10_000
     for i in range(100_000):  # three hits in four
         acc.record([Draft(1, "lane", 0.9, 1)], [1 if i % 4 else 2])
-    assert acc.lane_depth(1)[1] == pytest.approx(0.75, abs=0.01)
+    n, a = acc.depth_n[1], acc.depth_a[1]
+    assert acc.lane_depth(1)[1] == pytest.approx(a / n + np.sqrt(np.log(10_000) / n), rel=1e-12)
+    assert acc.lane_depth(1)[1] == pytest.approx(0.75, abs=0.015)  # the bonus has shrunk to 0.01
     with pytest.raises(ValueError, match="decode.explore"):
         DecodeConfig(explore=-1.0).validate()
 
@@ -162,7 +164,7 @@ def test_a_lane_is_worth_its_drafts_less_the_cost_of_verifying_them():
         assert net_lane_gain(gain, cost) == pytest.approx(want)
     cpu = np.array([np.inf, 1.0, 1.25, 1.42, 1.56, 1.63])
     cfg = DecodeConfig(window="cost", lane_len=4, k_max=4)
-    for rate, carried in ((0.45, False), (0.9, True)):
+    for rate, carried in ((0.3, False), (0.45, False), (0.9, True)):
         acc = Acceptance()
         acc.depth_a[:] = rate * acc.depth_n
         row = RowState(exact=0, pos=0, ngram=None)
@@ -170,53 +172,80 @@ def test_a_lane_is_worth_its_drafts_less_the_cost_of_verifying_them():
         assert (row.m > 0) == carried, rate
 
 
-def _rows_with_lanes(rng, n):
+def _rows(rng, n):
+    """Rows with a lane of 0-5 drafts of random confidence, some with an n-gram index that drafts."""
     rows = []
     for _ in range(n):
-        r = RowState(exact=0, pos=0, ngram=None)
+        ngram = NgramIndex([7, 8, 9, 7, 8, 9, 7], 1, 3) if rng.uniform() < 0.5 else None
+        r = RowState(exact=8, pos=0, ngram=ngram)
         r.lane = [Draft(1, "lane", float(rng.uniform(0, 1)), s) for s in range(1, int(rng.integers(0, 6)) + 1)]
         rows.append(r)
     return rows
 
 
+def _direct(rows, rooms, cfg, acc, lane_max, plain, lane):
+    """The best batch rate by enumeration: every width q, regime (lanes or not) and, per row,
+    every source, d and m that fit q, k_max, lane_max and the row's room."""
+    want = -1.0
+    gain = net_lane_gain(acc.lane_depth(lane_max), plain)
+    for lanes, cc in (((False, plain), (True, lane)) if lane_max else ((False, plain),)):
+        for q in range(1, len(plain)):
+            tot = 0.0
+            for r, room in zip(rows, rooms):
+                width = min(cfg.k_max - 1, room - 1)
+                chains = ([r.lane[:width]] if r.lane else []) + (
+                    [[Draft(t, "ngram") for t in r.ngram.lookup(r.exact, min(cfg.ngram_draft, width))[0]]]
+                    if r.ngram is not None and r.ngram.lookup(r.exact, width)[0] else [])
+                best = -np.inf
+                for chain in chains or [[]]:
+                    est = [acc.estimate(dr.src, dr.p, j) for j, dr in enumerate(chain, 1)]
+                    p = np.concatenate([[1.0], np.cumprod(est)])
+                    for d in range(len(chain) + 1):
+                        for m in range(min(lane_max, max(0, room - 1)) + 1):
+                            if d + m <= q - 1 and (lanes or m == 0) and m <= max(0, room - 1 - d):
+                                best = max(best, 1 + p[1: d + 1].sum() + p[d] * gain[m])
+                tot += best
+            want = max(want, tot / cc[q])
+    return want
+
+
 def test_rows_sharing_a_forward_are_sized_together():
-    """plan_batch against a direct computation: the widest window sets the cost of every row's
-    forward, so the chosen width q maximises the rows' best expected tokens within q, together,
-    per unit of cost(q); with one row it picks what plan picks."""
+    """plan_batch against an enumeration: the widest window sets the cost of every row's forward,
+    so the chosen width q maximises the rows' best expected tokens within q, together, per unit of
+    cost(q); every window fits k_max, lane_len and its row's room; one row alone gets the rate
+    plan gives it."""
     rng = np.random.default_rng(3)
-    cfg = DecodeConfig(window="cost", lane_len=3, k_max=6)
-    for trial in range(30):
+    for trial in range(40):
+        lane_max = int(rng.integers(0, 4))
+        cfg = DecodeConfig(window="cost", lane_len=lane_max, k_max=6, ngram=True)
         acc = Acceptance(0.0)
         acc.lane_a[:] = rng.uniform(0.1, 0.9, acc.bins) * acc.lane_n
         acc.depth_a[:] = rng.uniform(0.1, 0.9, len(acc.depth_n)) * acc.depth_n
-        plain = np.concatenate([[np.inf], 1 + np.cumsum(rng.uniform(0.02, 0.8, 10))])
+        acc.ngram_a[:] = rng.uniform(0.1, 0.9, len(acc.ngram_n)) * acc.ngram_n
+        plain = np.concatenate([[np.inf], 1 + np.cumsum(rng.uniform(0.02, 0.8, 1 + cfg.k_max + lane_max))])
         plain[1] = 1.0
         lane = plain * rng.uniform(1.0, 1.3)
         n = int(rng.integers(1, 5))
-        rows = _rows_with_lanes(rng, n)
-        plan_batch(rows, cfg, acc, 3, (plain, lane), [100] * n)
-        got_q = max(1 + len(r.chain) + r.m for r in rows)
+        rows, rooms = _rows(rng, n), [int(x) for x in rng.integers(1, 9, n)]
+        gain = net_lane_gain(acc.lane_depth(lane_max), plain)
+        plan_batch(rows, cfg, acc, lane_max, (plain, lane), rooms)
+        got = 0.0
+        for r, room in zip(rows, rooms):
+            d, m = len(r.chain), r.m
+            assert d <= min(cfg.k_max - 1, room - 1) and m <= lane_max and m <= max(0, room - 1 - d)
+            est = [acc.estimate(dr.src, dr.p, j) for j, dr in enumerate(r.chain, 1)]
+            got += window_totals(est, gain)[d, m]
         c = lane if any(r.m for r in rows) else plain
-        got = sum(window_totals([acc.estimate("lane", dr.p, j) for j, dr in enumerate(r.lane[:len(r.chain)], 1)],
-                                net_lane_gain(acc.lane_depth(3), plain))[len(r.chain), r.m] for r in rows) / c[got_q]
-        want = -1.0
-        for lanes, cc in ((False, plain), (True, lane)):
-            for q in range(1, len(plain)):
-                tot = 0.0
-                for r in rows:
-                    est = [acc.estimate("lane", dr.p, j) for j, dr in enumerate(r.lane[:5], 1)]
-                    t = window_totals(est, net_lane_gain(acc.lane_depth(3), plain))
-                    tot += max(t[d, m] for d in range(t.shape[0]) for m in range(t.shape[1])
-                               if d + m <= q - 1 and (lanes or m == 0))
-                want = max(want, tot / cc[q])
-        assert got == pytest.approx(want), trial
+        want = _direct(rows, rooms, cfg, acc, lane_max, plain, lane)
+        assert got / c[max(1 + len(r.chain) + r.m for r in rows)] == pytest.approx(want), trial
         if n == 1:
-            alone = _rows_with_lanes(np.random.default_rng(trial), 1)[0]
+            alone = RowState(exact=8, pos=0, ngram=rows[0].ngram)
             alone.lane = rows[0].lane
-            plan(alone, cfg, acc, 3, (plain, lane), 100)
-            d, m, rate = best_window([acc.estimate("lane", dr.p, j) for j, dr in enumerate(alone.lane[:5], 1)],
-                                     net_lane_gain(acc.lane_depth(3), plain), plain, lane)
-            assert rate == pytest.approx(want)
+            plan(alone, cfg, acc, lane_max, (plain, lane), rooms[0])
+            est = [acc.estimate(dr.src, dr.p, j) for j, dr in enumerate(alone.chain, 1)]
+            q = 1 + len(alone.chain) + alone.m
+            rate = window_totals(est, gain)[len(alone.chain), alone.m] / (lane if alone.m else plain)[q]
+            assert rate == pytest.approx(want), trial
 
 
 def test_ngram_index_against_brute_force():

@@ -51,7 +51,7 @@ class DecodeConfig:
     ngram_draft: int = 10           # at most this many drafted tokens per lookup
     # window=cost: optimism of the lane's depth rates, mean + explore * sqrt(ln t / n) (UCB), so that
     # lanes whose first drafts missed are tried again (a lane is measured only when carried); 0: plain
-    # means. 1.0 (UCB1's order): a lane left out after ten straight misses is retried within ~30 forwards
+    # means. 1.0 (UCB1's order): a lane left out after ten straight misses is retried within ~30 row-forwards
     explore: float = 1.0
 
     @property

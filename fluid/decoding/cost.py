@@ -96,7 +96,7 @@ class ForwardCost:
             c = np.asarray(curve, dtype=float)
             if c.ndim != 1 or len(c) < 1 or (c <= 0).any():
                 raise ValueError(f"decode.cost_curve must be a list of positive numbers, got {curve!r}")
-            self.fixed = c / c[0]
+            self.fixed = np.maximum.accumulate(c / c[0])  # a wider forward never costs less (costwin relies on it)
         else:
             self.fixed = None
 

@@ -62,8 +62,9 @@ class Acceptance:
     previous forward carried MASK slots, so a few early misses could keep lanes out for the rest of
     a run. Their depth rates are therefore optimistic (UCB): the mean plus
     ``explore * sqrt(ln t / n)``, with ``n`` the depth's count (prior included) and ``t`` the
-    forwards planned so far, capped at 1. While no lane is carried its count stays and ``t`` grows,
-    so the estimate rises until a lane is tried again; a depth tried often converges to its mean.
+    row-forwards planned so far (every row of every forward, across calls), capped at 1. While no
+    lane is carried its count stays and ``t`` grows, so the estimate rises until a lane is tried
+    again; a depth tried often converges to its mean.
     ``explore=0``: the plain means."""
 
     PRIOR_W = 2.0
@@ -138,19 +139,26 @@ class RowState:
     m: int = 0
 
 
-def window_totals(est: list[float], lane_gain: np.ndarray) -> np.ndarray:
+def window_totals(est: list[float], lane_gain: np.ndarray, room: int | None = None) -> np.ndarray:
     """Expected committed tokens of a window of ``d`` drafts (estimates ``est``) and ``m`` lane
-    slots, ``1 + sum_j prod_{i<=j} est_i + P_d * lane_gain[m]``, as a ``(d+1, m+1)`` array."""
+    slots, ``1 + sum_j prod_{i<=j} est_i + P_d * lane_gain[m]``, as a ``(d+1, m+1)`` array; with
+    ``room`` (tokens the row may still generate) a window whose lane could only draft past the
+    row's end, ``m > max(0, room - 1 - d)``, is ``-inf`` (never chosen)."""
     p = np.concatenate([[1.0], np.cumprod(est)]) if est else np.ones(1)
     gain = 1 + np.concatenate([[0.0], np.cumsum(p[1:])])           # (d+1,)
-    return gain[:, None] + p[:, None] * lane_gain[None, :]
+    total = gain[:, None] + p[:, None] * lane_gain[None, :]
+    if room is not None:
+        dd, mm = np.indices(total.shape)
+        total = np.where(mm <= np.maximum(0, room - 1 - dd), total, -np.inf)
+    return total
 
 
 def best_window(est: list[float], lane_gain: np.ndarray, cost: np.ndarray,
-                cost_lane: np.ndarray | None = None) -> tuple[int, int, float]:
+                cost_lane: np.ndarray | None = None, room: int | None = None) -> tuple[int, int, float]:
     """``(d, m, rate)`` maximising ``(1 + sum_j prod_{i<=j} est_i + P_d * lane_gain[m]) / cost[1+d+m]``
-    over ``d <= len(est)`` and ``m < len(lane_gain)`` (``cost_lane`` for windows with ``m > 0``)."""
-    total = window_totals(est, lane_gain)
+    over ``d <= len(est)`` and ``m < len(lane_gain)`` (``cost_lane`` for windows with ``m > 0``;
+    ``room``: see :func:`window_totals`)."""
+    total = window_totals(est, lane_gain, room)
     q = 1 + np.arange(total.shape[0])[:, None] + np.arange(total.shape[1])[None, :]
     q = np.minimum(q, len(cost) - 1)
     c = cost[q]
@@ -202,7 +210,7 @@ def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost:
     menu, lane_gain = _menu(row, cfg, acc, lane_max, cost, room)
     best = (0, 0, -1.0, [])
     for chain, est in menu:
-        d, m, rate = best_window(est, lane_gain, *cost)
+        d, m, rate = best_window(est, lane_gain, *cost, room=room)
         if rate > best[2]:
             best = (d, m, rate, chain)
     d, m, _, chain = best
@@ -211,18 +219,15 @@ def plan(row: RowState, cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost:
 
 def _best_within(totals: np.ndarray, width: int, lanes: bool) -> tuple[np.ndarray, np.ndarray]:
     """For each ``k < width``: the most expected tokens of a window with ``d + m <= k`` (``m = 0``
-    unless ``lanes``), and its flat index in ``totals``."""
+    unless ``lanes``; the narrowest of equals), and its flat index in ``totals``."""
     dd, mm = np.indices(totals.shape)
     k = (dd + mm).ravel()
-    v = np.where(lanes | (mm == 0), totals, -np.inf).ravel()
-    best, arg = np.full(width, -np.inf), np.zeros(width, dtype=np.int64)
-    for i in np.argsort(k, kind="stable"):
-        if k[i] < width and v[i] > best[k[i]]:
-            best[k[i]], arg[k[i]] = v[i], i
-    for j in range(1, width):  # a wider budget may hold any narrower window
-        if best[j - 1] >= best[j]:
-            best[j], arg[j] = best[j - 1], arg[j - 1]
-    return best, arg
+    order = np.argsort(k, kind="stable")                       # narrowest first: argmax keeps the first
+    v = np.where(lanes | (mm == 0), totals, -np.inf).ravel()[order]
+    fits = k[order][None, :] <= np.arange(width)[:, None]      # (width, entries)
+    masked = np.where(fits, v[None, :], -np.inf)
+    j = masked.argmax(1)
+    return masked[np.arange(width), j], order[j]
 
 
 def plan_batch(rows: list[RowState], cfg: DecodeConfig, acc: Acceptance, lane_max: int, cost: tuple,
@@ -235,17 +240,17 @@ def plan_batch(rows: list[RowState], cfg: DecodeConfig, acc: Acceptance, lane_ma
     plain, with_lane = cost
     q_cap = len(plain) - 1
     menus = [_menu(r, cfg, acc, lane_max, cost, room) for r, room in zip(rows, rooms)]
+    totals = [[window_totals(est, gain, room) for _, est in menu] for (menu, gain), room in zip(menus, rooms)]
     best = (-1.0, None, None)
     for lanes in ((False, True) if lane_max else (False,)):
         c = with_lane if lanes and with_lane is not None else plain
         value, choice = np.zeros(q_cap), []
-        for menu, lane_gain in menus:
+        for (menu, _), row_totals in zip(menus, totals):
             row_best, row_arg = np.full(q_cap, -np.inf), [None] * q_cap
-            for chain, est in menu:
-                totals = window_totals(est, lane_gain)
-                b, a = _best_within(totals, q_cap, lanes)
+            for (chain, _), t in zip(menu, row_totals):
+                b, a = _best_within(t, q_cap, lanes)
                 for k in np.flatnonzero(b > row_best):
-                    row_best[k], row_arg[k] = b[k], (chain, *np.unravel_index(int(a[k]), totals.shape))
+                    row_best[k], row_arg[k] = b[k], (chain, *divmod(int(a[k]), t.shape[1]))
             value += row_best
             choice.append(row_arg)
         rate = value / c[1: q_cap + 1]
