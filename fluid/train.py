@@ -103,6 +103,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers = instantiate_dict(cfg.logger, "logger")
         if resume:
             _keep_csv_history(loggers, resume_step)
+            # Lightning warns that a mid-epoch resume may repeat data unless the loader is stateful;
+            # the training sampler (data/datamodule.ResumableSampler) continues from the restored batch count
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         callbacks = [c for c in instantiate_dict(cfg.get("callbacks"))  # logger=none: nothing to monitor into
                      if loggers or type(c).__name__ != "LearningRateMonitor"]
         strategy = _strategy(cfg)
@@ -226,9 +229,6 @@ def _resume_from(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int | None
         raise FluidConfigError("ckpt_path", f"{str(path)!r} is already at step {step}, and trainer.max_steps is "
                                f"{max_steps}: nothing to train", "raise stage.max_steps to train further")
     log.info("resuming from %s (step %s)", path, step)
-    # Lightning warns that a mid-epoch resume may repeat data unless the loader is stateful; the
-    # training sampler (data/datamodule.ResumableSampler) continues from the restored batch count
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     return str(path), step
 
 
