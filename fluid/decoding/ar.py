@@ -39,6 +39,23 @@ def ar_step(batch: DecodeBatch, stats: list[RowStats], rule: StopRule) -> None:
     batch.compact()
 
 
+def start(batch: DecodeBatch, cfg: DecodeConfig | None, ctx: Context) -> None:
+    """AR keeps no state beyond the batch's own (the pending logits and positions)."""
+    return None
+
+
+def step(batch: DecodeBatch, state, stats, cfg: DecodeConfig | None, ctx: Context) -> None:
+    ar_step(batch, stats, ctx.rule)
+
+
+def extend(state, new, ctx: Context) -> None:
+    return None
+
+
+def keep(state, m) -> None:
+    return None
+
+
 def decode(batch: DecodeBatch, stats: list[RowStats], cfg: DecodeConfig | None, ctx: Context) -> None:
     while batch.size:
         ar_step(batch, stats, ctx.rule)

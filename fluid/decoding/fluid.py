@@ -64,6 +64,19 @@ class Rows:
             if v is not None:
                 setattr(self, f.name, v[m])
 
+    def extend(self, other: "Rows", mask_id: int) -> None:
+        """Append ``other``'s rows (rows that joined the batch); a side without lane drafts gets none."""
+        for name in ("lane_p", "lane_tok"):
+            if (getattr(self, name) is None) != (getattr(other, name) is None):
+                for side in (self, other):
+                    if side.lane_p is None:
+                        n, w = side.win.shape
+                        side.lane_p, side.lane_tok = np.full((n, w), -1.0), np.full((n, w), mask_id, dtype=np.int64)
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a is not None:
+                setattr(self, f.name, np.concatenate([a, b]))
+
 
 def initial_rows(batch: DecodeBatch, cfg: DecodeConfig, mask_id: int) -> Rows:
     n, kmax = batch.size, cfg.k_max
@@ -86,7 +99,8 @@ def fluid_step(batch: DecodeBatch, rows: Rows, stats: list[RowStats], cfg: Decod
     # 1. new blocks: a horizon per row, slot 0 exact, later slots from the previous lane's drafts
     if rows.start.any():
         k = ctx.horizon(batch)
-        k = np.maximum(np.minimum(np.minimum(k, k_cap), cfg.max_new_tokens - rows.n_tok), 1)
+        room = np.array([ctx.rule.room(stats[r]) for r in batch.rows.tolist()])
+        k = np.maximum(np.minimum(np.minimum(k, k_cap), room), 1)
         win, filled = W.seed_blocks(rows.exact, k, cfg.k_max, mask_id, rows.lane_p, rows.lane_tok, cfg.fill_threshold)
         s = rows.start
         rows.win, rows.filled = np.where(s[:, None], win, rows.win), np.where(s[:, None], filled, rows.filled)
@@ -141,7 +155,27 @@ def fluid_step(batch: DecodeBatch, rows: Rows, stats: list[RowStats], cfg: Decod
     batch.compact()
 
 
+def start(batch: DecodeBatch, cfg: DecodeConfig, ctx: Context) -> Rows:
+    """The loop's state for the rows of a freshly prefilled ``batch``."""
+    return initial_rows(batch, cfg, ctx.mask_id)
+
+
+def step(batch: DecodeBatch, rows: Rows, stats, cfg: DecodeConfig, ctx: Context) -> Rows:
+    fluid_step(batch, rows, stats, cfg, ctx)
+    return rows
+
+
+def extend(rows: Rows, new: Rows, ctx: Context) -> Rows:
+    rows.extend(new, ctx.mask_id)
+    return rows
+
+
+def keep(rows: Rows, m: np.ndarray) -> Rows:
+    rows.keep(m)
+    return rows
+
+
 def decode(batch: DecodeBatch, stats: list[RowStats], cfg: DecodeConfig, ctx: Context) -> None:
-    rows = initial_rows(batch, cfg, ctx.mask_id)
+    rows = start(batch, cfg, ctx)
     while batch.size:
-        fluid_step(batch, rows, stats, cfg, ctx)
+        rows = step(batch, rows, stats, cfg, ctx)

@@ -33,6 +33,8 @@ class RowStats:
     horizons: list[int] = field(default_factory=list)   # horizon chosen per block
     draft_forwards: int = 0          # forwards that only drafted (verified nothing past slot 0)
     finished: str = ""               # eos | max_new_tokens | stop
+    # this row's own commit rule (a server's request: its max_tokens and stop strings); None: the batch's
+    rule: "StopRule | None" = field(default=None, repr=False, compare=False)
 
 
 class StopRule:
@@ -43,6 +45,11 @@ class StopRule:
         self.max_new_tokens, self.eos_id = max_new_tokens, eos_token_id
         self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
         self._longest = max((len(s) for s in self.stop_strings), default=0)
+
+    def room(self, row: RowStats) -> int:
+        """Tokens ``row`` may still generate (under its own rule when it has one)."""
+        rule = row.rule or self
+        return rule.max_new_tokens - len(row.tokens)
 
     def cut(self, row: RowStats, toks: list[int]) -> tuple[list[int], str]:
         """``toks`` cut at EOS / max_new_tokens, and why the row is finished ('' if it is not)."""
@@ -73,7 +80,7 @@ class StopRule:
                horizon: int | None = None) -> bool:
         """Append ``toks`` to ``row``; ``block_acc``: the block's committed tokens including these.
         Closes the block's statistics when it is done or the row finishes; True while the row lives."""
-        kept, reason = self.cut(row, toks)
+        kept, reason = (row.rule or self).cut(row, toks)
         row.tokens.extend(kept)
         if reason or block_done:
             row.accepted.append(block_acc - (len(toks) - len(kept)))
@@ -221,6 +228,34 @@ class DecodeBatch:
         self.cache.batch_select_indices(idx)
         for name in ("rows", "key_valid", "pending", "h_anchor", "next_pos"):
             setattr(self, name, getattr(self, name)[idx])
+
+    def extend(self, other: "DecodeBatch") -> None:
+        """Append the rows of ``other`` (a batch prefilled since; its row ids must be new): the
+        shorter cache is left-padded with hidden entries, so every row keeps its own positions and
+        mask and decodes as it would alone. A running batch takes new rows between forwards."""
+        if self.size == 0:
+            for name in ("rows", "cache", "key_valid", "holes", "pending", "h_anchor", "next_pos"):
+                setattr(self, name, getattr(other, name))
+            return
+        t_self, t_other = self.key_valid.shape[1], other.key_valid.shape[1]
+        t = max(t_self, t_other)
+
+        def left_pad(x: torch.Tensor, width: int, dim: int, value=0) -> torch.Tensor:
+            if width == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = width
+            return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                setattr(mine, name, torch.cat([left_pad(a, t - t_self, 2), left_pad(b, t - t_other, 2)], dim=0))
+        self.key_valid = torch.cat([left_pad(self.key_valid, t - t_self, 1, False),
+                                    left_pad(other.key_valid, t - t_other, 1, False)], dim=0)
+        self.holes = self.holes or other.holes or t_self != t_other
+        for name in ("rows", "pending", "h_anchor", "next_pos"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=0))
 
     def compact(self) -> None:
         """Squeeze cache holes out (left-aligned padding) once they dominate the cache."""
