@@ -73,3 +73,43 @@ def test_a_joining_row_never_sees_the_padding_of_the_shorter_cache():
     ids += rb.add(prompts[1:])
     rb.run()
     assert [rb.stats[i].tokens for i in ids] == ref
+
+
+def test_the_engine_fails_a_bad_request_alone_and_goes_on():
+    """A prompt that cannot be prefilled and a receiver that raises fail their own request; the
+    requests beside them get their tokens."""
+    import threading
+
+    from fluid.serve.engine import Engine, Request
+
+    model = tiny_model("llama", vocab_size=DECODE_VOCAB, seed=1)
+    prompts = random_prompts(3, DECODE_VOCAB, seed=4)
+    ref = ar_reference(model, prompts, 10)
+    engine = Engine(fluid_decoder(model, max_new_tokens=10, horizon="fixed", fixed_k=4), max_rows=8).start()
+    results: dict = {}
+    done = threading.Semaphore(0)
+
+    def receiver(key, raises=False):
+        def on_event(kind, payload):
+            if raises and kind == "tokens":
+                raise RuntimeError("the client is gone")
+            if kind in ("done", "error"):
+                results[key] = (kind, payload.tokens if kind == "done" else payload)
+                done.release()
+        return on_event
+
+    try:
+        reqs = [Request(prompts[0], StopRule(10, None), receiver("good0")),
+                Request([10 ** 6], StopRule(10, None), receiver("bad_prompt")),
+                Request(prompts[1], StopRule(10, None), receiver("raises", raises=True)),
+                Request(prompts[2], StopRule(10, None), receiver("good2"))]
+        with engine._cv:  # all four arrive before the engine's next look at its queue
+            for r in reqs:
+                engine.submit(r)
+        for _ in range(4):
+            assert done.acquire(timeout=30)
+        assert results["good0"] == ("done", ref[0]) and results["good2"] == ("done", ref[2])
+        assert results["bad_prompt"][0] == "error" and results["raises"][0] == "error"
+        assert engine.active_rows == 0 and engine.alive
+    finally:
+        engine.stop()
