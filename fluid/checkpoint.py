@@ -89,6 +89,22 @@ def mask_token_id(meta: CheckpointMeta | int | None, tokenizer) -> int | None:
     return recorded if recorded is not None else tokenizer.mask_token_id
 
 
+def link_backbone(stage2_dir: str | Path, stage1_dir: str | Path) -> None:
+    """Make a stage-2 directory loadable as a model too (``from_pretrained(stage2_dir)``, for
+    ``model.generate``): relative links to the stage-1 directory's model and tokenizer files."""
+    import os
+    import shutil
+
+    out, src = Path(stage2_dir), Path(stage1_dir).resolve()
+    for f in src.iterdir():
+        if not f.is_file() or f.name == FLUID_JSON or (out / f.name).exists():
+            continue
+        try:
+            (out / f.name).symlink_to(os.path.relpath(f, out.resolve()))
+        except OSError:  # a filesystem without links: a copy
+            shutil.copy2(f, out / f.name)
+
+
 def align_special_tokens(model, tokenizer) -> None:
     """Make the model's config and generation config name the tokenizer's BOS/EOS/PAD ids, so
     that other tools (Hugging Face ``generate``, vLLM, lm-eval) stop where this project does."""
@@ -130,15 +146,18 @@ def backbone_dir(path: str | Path) -> tuple[Path, CheckpointMeta]:
     return base, meta
 
 
-def load_fluid(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FluidModel:
-    """Backbone, K-head (stage 2, else None), tokenizer and metadata of a FLUID or plain HF directory."""
+def load_fluid(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               model: torch.nn.Module | None = None) -> FluidModel:
+    """Backbone, K-head (stage 2, else None), tokenizer and metadata of a FLUID or plain HF directory.
+    ``model``: the backbone already loaded from it (``model.generate``), used instead of a second copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fluid.khead.head import KHead
 
     base, meta = backbone_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
         raise FluidConfigError("checkpoint", f"cannot load a model from {str(base)!r}: {str(e).splitlines()[0]}") from None

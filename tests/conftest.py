@@ -158,3 +158,43 @@ def fluid_decoder(model, eos: int | None = None, seed: int = 0, **cfg):
 def hist_mean(counts) -> float:
     """The mean horizon of a histogram ``counts[k - 1]`` of horizons ``k = 1..K``."""
     return sum(k * c for k, c in enumerate(counts, start=1)) / sum(counts)
+
+
+def assert_model_generate_is_fluid_and_greedy(ckpt, max_new_tokens: int = 12) -> None:
+    """``from_pretrained(ckpt, trust_remote_code=True).generate`` (the exported ``custom_generate``)
+    decodes with FLUID and returns transformers' greedy output on 3 left-padded prompts; a streamer
+    gets the prompt, then exactly the new tokens in order; sampling falls back with a warning."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
+    from transformers.generation.streamers import BaseStreamer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, dtype=torch.float32).eval()
+    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in ("1 + 2 =", "12 + 30 + 7 = 4", "5 =")]
+    width = max(len(e) for e in enc)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens)
+    assert model.__dict__.get("_fluid_decoders"), "model.generate did not decode with FLUID"
+    ref = GenerationMixin.generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+    assert torch.equal(out, ref), (out, ref)
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    one = model.generate(torch.tensor([enc[1]]), max_new_tokens=max_new_tokens, streamer=rec)
+    assert rec.puts[0] == enc[1] and rec.ended
+    assert sum(rec.puts[1:], []) == one[0, len(enc[1]):].tolist()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
+    assert any("standard generate" in str(w.message) for w in caught)

@@ -12,7 +12,7 @@ from fluid.data.arith import ArithTask
 from fluid.data.sft import SFTDataset, _encoded, collate_sft
 from fluid.exact import LANE_ADAPTER_DIR, gate_of
 from fluid.modules.hybrid import HybridDiffusionModule, combine, lane_losses
-from tests.conftest import tiny_model
+from tests.conftest import assert_model_generate_is_fluid_and_greedy, tiny_model
 
 MASKING = {"_target_": "fluid.lanes.FluidSchedule", "anchor_prob": 0.5, "horizon": 4, "noise_prob": 0.1,
            "restore": "none"}
@@ -181,6 +181,7 @@ def test_export_keeps_the_original_weights_and_reload_restores_the_lanes(origina
                             position_ids=lb.position_ids, use_cache=False).logits
     slots = ~lb.is_main & lb.valid
     torch.testing.assert_close(reloaded[slots], lanes_before[slots], rtol=1e-5, atol=1e-5)
+    assert_model_generate_is_fluid_and_greedy(out)  # transformers' generate: FLUID with the gated lanes
 
 
 def decode_against_original(ckpt, tmp_path, steps):

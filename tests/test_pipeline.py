@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluid.train import train
-from tests.conftest import ROOT, compose_cfg, hist_mean
+from tests.conftest import ROOT, assert_model_generate_is_fluid_and_greedy, compose_cfg, hist_mean
 
 SMALL = ["logger=csv", "trainer.enable_progress_bar=false", "data.source.n_train=200", "data.source.n_val=16",
          "data.source.n_test=8", "stage.module.eval_max_new_tokens=16", "trainer.enable_model_summary=false"]
@@ -322,3 +322,10 @@ def test_git_revision_records_the_commit_and_uncommitted_changes(tmp_path):
     assert git_revision(tmp_path)["dirty"] is False
     (tmp_path / "a.txt").write_text("2\n")
     assert git_revision(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_model_generate_decodes_with_fluid_from_stage1_and_stage2_exports(stage1, stage2):
+    """The exported checkpoints carry custom_generate/: transformers' generate decodes with FLUID
+    (stage 2: with its K-head; its directory links the stage-1 model so that it loads as one)."""
+    assert_model_generate_is_fluid_and_greedy(stage1[0] / "checkpoint")
+    assert_model_generate_is_fluid_and_greedy(stage2 / "checkpoint")

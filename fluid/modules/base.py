@@ -95,4 +95,8 @@ class FluidModule(L.LightningModule):
         self.model.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
         dataclasses.replace(self.checkpoint_meta(out), **fields).write(out)
+        if self.stage_id >= 1:  # model.generate decodes with FLUID (fluid/hf_generate.py)
+            from fluid.hf_generate import write_entry
+
+            write_entry(out)
         return out

@@ -134,6 +134,12 @@ class KHeadModule(LaneModule):
     def export_hf(self, out_dir, **fields) -> Path:
         """Only the head and a pointer to the stage-1 checkpoint (the backbone is unchanged)."""
         out = Path(out_dir)
+        from fluid.checkpoint import link_backbone
+        from fluid.hf_generate import write_entry
+
         self.head.save(out)
-        dataclasses.replace(self.checkpoint_meta(out), **fields).write(out)
+        meta = dataclasses.replace(self.checkpoint_meta(out), **fields)
+        meta.write(out)
+        link_backbone(out, meta.stage1_checkpoint)  # from_pretrained(out).generate decodes with the head
+        write_entry(out)
         return out
