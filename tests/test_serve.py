@@ -273,3 +273,23 @@ def test_sigterm_finishes_or_cancels_in_flight_requests_and_exits_0(stage2, tmp_
         assert not t.is_alive() and got
     finally:
         ar.stop()
+
+
+@pytest.mark.slow
+def test_bench_serve_drives_both_servers_to_the_same_tokens(stage2, tmp_path):
+    """scripts/bench_serve.py end to end, small: every request answered, and the FLUID and AR
+    servers generate the same number of tokens on the same prompts (lossless)."""
+    out = tmp_path / "serve.json"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    subprocess.run([sys.executable, "scripts/bench_serve.py", "--checkpoint", str(stage2), "--prompts", str(prompts),
+                    "--concurrency", "1", "3", "--requests", "3", "--rounds", "1", "--warmup", "0", "--max-tokens",
+                    "24", "--out", str(out)], cwd=ROOT, check=True, timeout=300, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    res = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in res["levels"]] == [1, 3]
+    for lv in res["levels"]:
+        assert lv["ar"]["errors"] == lv["fluid"]["errors"] == 0
+        assert lv["ar"]["requests"] == lv["fluid"]["requests"] == 3
+        assert lv["ar"]["generated_tokens"] == lv["fluid"]["generated_tokens"] > 0
+    assert res["levels"][1]["fluid"]["mean_rows_per_forward"] > 1  # concurrent requests shared forwards
