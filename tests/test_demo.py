@@ -108,3 +108,25 @@ def test_sigterm_stops_the_demo_and_its_running_step(tmp_path):
     except ProcessLookupError:
         alive = False
     assert not alive and not (out / "report.json").exists()
+
+
+def test_the_demo_rows_reach_the_evaluation_as_declared():
+    """One declaration of the FLUID rows: the evaluation composes exactly those settings (the
+    override is rendered in Hydra's grammar, strings that need quotes quoted), every table row and
+    every sweep point, with and without verification, has its setting."""
+    from omegaconf import OmegaConf
+
+    from fluid.config import CONF_DIR
+    from fluid.demo.rows import ROWS, hydra_value, settings, settings_override
+    from fluid.utils.compose import compose
+
+    demo = OmegaConf.load(CONF_DIR / "demo.yaml")
+    cfg = compose("evaluate", ["~settings", f"+settings={settings_override(demo)}"])
+    sets = settings(demo)
+    assert OmegaConf.to_container(cfg.settings) == {s.name: s.decode for s in sets}
+    assert {s.row for s in sets if s.row} == set(ROWS) - {"ar_prior", "ar_stage1"}
+    assert {s.sweep for s in sets if s.sweep} == {f"{v}_c{float(c):g}" for v in ("verify", "noverify")
+                                                   for c in demo.evaluate.sweep}
+    odd = {"a": "two words", "b": "it's", "c": "true", "d": [1, 2.5, None, False], "e": "fixed", "f": "x,y"}
+    cfg = compose("evaluate", ["~settings", f"+settings={hydra_value(odd)}"])
+    assert OmegaConf.to_container(cfg.settings) == odd

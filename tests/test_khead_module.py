@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -54,7 +55,15 @@ def test_backbone_bit_identical_and_only_head_saved(tiny_checkpoint, tmp_path):
     assert float(trainer.callback_metrics["val/mean_target_k"]) == pytest.approx(hist_mean(hist["target_k"]), rel=1e-5)
     assert float(trainer.callback_metrics["val/mean_pred_k"]) == pytest.approx(hist_mean(hist["pred_k"]), rel=1e-5)
     out = module.export_hf(tmp_path / "stage2")
-    assert sorted(p.name for p in out.iterdir()) == ["fluid.json", "khead.safetensors"]
+    # only the head and fluid.json are written; the model and tokenizer files are links to the
+    # stage-1 directory (so that the directory loads as a model), custom_generate/ the generate entry
+    own = sorted(p.name for p in out.iterdir() if p.is_file() and not p.is_symlink())
+    assert own == ["fluid.json", "khead.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["custom_generate"]
+    stage1 = Path(CheckpointMeta.read(out).stage1_checkpoint).resolve()
+    links = [p for p in out.iterdir() if p.is_symlink()]
+    assert links and all(p.resolve().parent == stage1 for p in links)
+    assert any(p.name.endswith(".safetensors") for p in links)
     fm = load_fluid(out)
     head, tok2, meta = fm.head, fm.tokenizer, fm.meta
     assert meta == CheckpointMeta.read(out) and meta.stage == 2

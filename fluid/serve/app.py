@@ -102,7 +102,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, vocab
             msgs = P.parse_messages(body)
             if msgs[-1]["role"] == "assistant":
                 raise P.RequestError("messages", "the last message must not be the assistant's (it would be dropped)")
-            ids = tokenizer(prompt_text(tokenizer, msgs, True), add_special_tokens=False)["input_ids"]
+            try:
+                text = prompt_text(tokenizer, msgs, True)
+            except Exception as e:  # noqa: BLE001 - no chat template, or one that refuses these messages
+                raise P.RequestError("messages", f"the chat template cannot render them ({str(e).splitlines()[0]})",
+                                     ) from None
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             field, default = "messages", limits.default_max_tokens
         else:
             prompt = P.parse_prompt(body, vocab_size)

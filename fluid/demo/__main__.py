@@ -1,0 +1,5 @@
+"""``python -m fluid.demo``."""
+
+from fluid.demo import main
+
+main()
