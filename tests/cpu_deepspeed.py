@@ -3,8 +3,15 @@ has a CPU accelerator (gloo), so ZeRO-2/3 partitioning, Lightning's sharded chec
 ``fluid.convert`` run for real on CPU. The strategy a user picks (``strategy=deepspeed_zero3``)
 is Lightning's own; ``fluid.validate`` refuses it on CPU."""
 
+import importlib
+
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+# DeepSpeed's CPU backend compiles a shared-memory all-reduce op (about 40 s of C++ on a fresh
+# machine) when it starts; it only speeds up several processes on one node, and these runs are one
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # (`deepspeed.comm.torch` the
+# attribute is the torch package itself)
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
