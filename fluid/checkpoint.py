@@ -97,7 +97,10 @@ def link_backbone(stage2_dir: str | Path, stage1_dir: str | Path) -> None:
 
     out, src = Path(stage2_dir), Path(stage1_dir).resolve()
     for f in src.iterdir():
-        if not f.is_file() or f.name == FLUID_JSON or (out / f.name).exists():
+        dst = out / f.name
+        if dst.is_symlink() and not dst.exists():  # a link left dangling by a moved stage-1 directory
+            dst.unlink()
+        if not f.is_file() or f.name == FLUID_JSON or dst.exists():
             continue
         try:
             (out / f.name).symlink_to(os.path.relpath(f, out.resolve()))

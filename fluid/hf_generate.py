@@ -47,6 +47,16 @@ def write_entry(out_dir: str | Path) -> Path:
     return d / "generate.py"
 
 
+# generation-config fields that change which tokens greedy decoding picks or where it stops
+PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+              "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+              "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "stop_strings",
+              "max_time", "renormalize_logits", "guidance_scale", "watermarking_config", "prompt_lookup_num_tokens",
+              "assistant_early_exit", "diversity_penalty", "constraints", "force_words_ids", "low_memory",
+              "penalty_alpha", "dola_layers", "output_scores", "output_logits", "return_dict_in_generate",
+              "output_attentions", "output_hidden_states")
+
+
 def _why_not_fluid(gc, kwargs: dict) -> str | None:
     if gc.do_sample:
         return "sampling (do_sample=True)"
@@ -54,8 +64,15 @@ def _why_not_fluid(gc, kwargs: dict) -> str | None:
         return f"beam search (num_beams={gc.num_beams})"
     if (gc.num_return_sequences or 1) > 1:
         return f"num_return_sequences={gc.num_return_sequences}"
-    if getattr(gc, "return_dict_in_generate", False) or getattr(gc, "output_scores", False):
-        return "scores / return_dict_in_generate"
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    def norm(v):  # unset, False, 0 and empty all mean "off"
+        return None if v is None or v is False or (isinstance(v, (int, float)) and v == 0) or v in ([], {}) else v
+
+    changed = [k for k in PROCESSING if norm(getattr(gc, k, None)) != norm(getattr(default, k, None))]
+    if changed:
+        return ", ".join(changed)
     other = sorted(k for k, v in kwargs.items() if k not in HANDLED and v is not None)
     return f"{', '.join(other)}" if other else None
 
@@ -88,9 +105,8 @@ def generate(*args, model, **kwargs):
 
     input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
-    for k in ("max_new_tokens", "max_length", "do_sample", "num_beams", "num_return_sequences", "pad_token_id",
-              "eos_token_id"):
-        if kwargs.get(k) is not None:
+    for k in kwargs:  # generate(**kwargs) fields of the generation config override it, as in transformers
+        if hasattr(gc, k) and kwargs[k] is not None and k not in ("generation_config",):
             setattr(gc, k, kwargs[k])
     why = _why_not_fluid(gc, kwargs) if input_ids is not None else "no input_ids"
     if why:
@@ -105,9 +121,11 @@ def generate(*args, model, **kwargs):
     streamer = kwargs.get("streamer")
     if streamer is not None and len(rows) > 1:
         raise ValueError("a streamer takes one sequence (batch size 1), as in transformers")
-    eos = gc.eos_token_id if gc.eos_token_id is not None else dec.eos_id
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    pad = gc.pad_token_id if gc.pad_token_id is not None else (dec.pad_id if dec.pad_id is not None else eos)
+    eos = gc.eos_token_id if gc.eos_token_id is not None else dec.eos_id  # one id or a list, as transformers
+    first_eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    pad = gc.pad_token_id if gc.pad_token_id is not None else first_eos  # transformers pads with pad, else EOS
+    if pad is None:
+        pad = dec.pad_id
     if streamer is not None:
         streamer.put(ids.cpu())
     new: list[list[int]] = [[] for _ in rows]

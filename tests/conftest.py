@@ -175,10 +175,15 @@ def assert_model_generate_is_fluid_and_greedy(ckpt, max_new_tokens: int = 12) ->
     width = max(len(e) for e in enc)
     ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    # the reference: transformers' own greedy generate on a separately loaded plain copy
+    plain = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ref = GenerationMixin.generate(plain, ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens)
     assert model.__dict__.get("_fluid_decoders"), "model.generate did not decode with FLUID"
-    ref = GenerationMixin.generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
     assert torch.equal(out, ref), (out, ref)
+    # after FLUID attached what it needs to the model, its plain forward is still the original
+    assert torch.equal(GenerationMixin.generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                                do_sample=False), ref)
 
     class Recorder(BaseStreamer):
         def __init__(self):
@@ -194,7 +199,8 @@ def assert_model_generate_is_fluid_and_greedy(ckpt, max_new_tokens: int = 12) ->
     one = model.generate(torch.tensor([enc[1]]), max_new_tokens=max_new_tokens, streamer=rec)
     assert rec.puts[0] == enc[1] and rec.ended
     assert sum(rec.puts[1:], []) == one[0, len(enc[1]):].tolist()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
-    assert any("standard generate" in str(w.message) for w in caught)
+    for changes in ({"do_sample": True}, {"repetition_penalty": 1.3}):  # what FLUID's greedy decoder would not honour
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, **changes)
+        assert any("standard generate" in str(w.message) for w in caught), changes

@@ -80,13 +80,13 @@ class RunningBatch:
         new.rows = torch.tensor(ids, device=new.device)
         state = self.algo.start(new, cfg, replace(self.ctx, prompts=prompts))
         self._next_id += len(prompts)
-        for i, rid in enumerate(ids):
-            self.stats[rid] = RowStats(rule=rules[i] if rules is not None else None)
         if self.size == 0:
             self.batch, self.state = new, state
         else:
-            self.batch.extend(new)
+            self.batch.extend(new)  # builds every new tensor before it assigns one: a failure leaves the batch as it was
             self.state = self.algo.extend(self.state, state, self.ctx)
+        for i, rid in enumerate(ids):
+            self.stats[rid] = RowStats(rule=rules[i] if rules is not None else None)
         return ids
 
     @torch.inference_mode()

@@ -41,8 +41,12 @@ class StopRule:
     """The commit rule of every algorithm: tokens are appended up to EOS (included),
     ``max_new_tokens`` or a stop string; a block's statistics are closed when it ends."""
 
-    def __init__(self, max_new_tokens: int, eos_token_id: int | None, tokenizer=None, stop_strings: Sequence[str] = ()):
-        self.max_new_tokens, self.eos_id = max_new_tokens, eos_token_id
+    def __init__(self, max_new_tokens: int, eos_token_id: int | Sequence[int] | None, tokenizer=None,
+                 stop_strings: Sequence[str] = ()):
+        """``eos_token_id``: one id or several (a generation config may list some); None: none."""
+        self.max_new_tokens = max_new_tokens
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos_ids = frozenset(int(i) for i in ids)
         self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
         self._longest = max((len(s) for s in self.stop_strings), default=0)
 
@@ -55,8 +59,9 @@ class StopRule:
         """``toks`` cut at EOS / max_new_tokens, and why the row is finished ('' if it is not)."""
         room = self.max_new_tokens - len(row.tokens)
         reason = ""
-        if self.eos_id is not None and self.eos_id in toks[:room]:
-            toks = toks[: toks.index(self.eos_id) + 1]
+        end = next((i for i, t in enumerate(toks[:room]) if t in self.eos_ids), None) if self.eos_ids else None
+        if end is not None:
+            toks = toks[: end + 1]
             reason = "eos"
         if len(toks) >= room:
             toks = toks[:room]
@@ -247,15 +252,19 @@ class DecodeBatch:
             shape[dim] = width
             return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=dim)
 
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)
-                setattr(mine, name, torch.cat([left_pad(a, t - t_self, 2), left_pad(b, t - t_other, 2)], dim=0))
-        self.key_valid = torch.cat([left_pad(self.key_valid, t - t_self, 1, False),
-                                    left_pad(other.key_valid, t - t_other, 1, False)], dim=0)
+        layers = [{name: torch.cat([left_pad(getattr(mine, name), t - t_self, 2),
+                                    left_pad(getattr(theirs, name), t - t_other, 2)], dim=0) for name in ("keys", "values")}
+                  for mine, theirs in zip(self.cache.layers, other.cache.layers)]
+        key_valid = torch.cat([left_pad(self.key_valid, t - t_self, 1, False),
+                               left_pad(other.key_valid, t - t_other, 1, False)], dim=0)
+        rest = {name: torch.cat([getattr(self, name), getattr(other, name)], dim=0)
+                for name in ("rows", "pending", "h_anchor", "next_pos")}
+        for layer, new in zip(self.cache.layers, layers):  # nothing is assigned until everything is built
+            layer.keys, layer.values = new["keys"], new["values"]
+        self.key_valid = key_valid
         self.holes = self.holes or other.holes or t_self != t_other
-        for name in ("rows", "pending", "h_anchor", "next_pos"):
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=0))
+        for name, v in rest.items():
+            setattr(self, name, v)
 
     def compact(self) -> None:
         """Squeeze cache holes out (left-aligned padding) once they dominate the cache."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from fluid.decoding.state import StopRule, visible_text
 from fluid.serve import protocol as P
@@ -45,7 +46,7 @@ class TextStream:
     def feed(self, new: list[int]) -> str:
         self.tokens.extend(new)
         text = visible_text(self.tokenizer, self.tokens, self.stop)
-        hold = len(text) if text.endswith("\ufffd") else 0
+        hold = len(text) - len(text.rstrip("\ufffd"))  # an incomplete character at the end
         for s in self.stop:  # the longest tail that is the start of a stop string
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
@@ -89,7 +90,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, vocab
                 raise P.RequestError(None, f"the body is larger than {limits.max_body_bytes} bytes", 413)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise P.RequestError(None, f"the body is not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(body, dict):
             raise P.RequestError(None, "the body must be a JSON object")
@@ -144,8 +145,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, vocab
         text = TextStream(tokenizer, stops)
         if job.stream:
             count(endpoint, 200)
+            # the background task also frees the row if the stream is cancelled before it starts
             return StreamingResponse(stream(job, req, events, text), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(engine.cancel, req))
         try:
             while True:
                 try:

@@ -68,8 +68,8 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         with self._cv:
-            if self._stopping:
-                raise QueueFull("the server is shutting down")
+            if self._stopping or not self._thread.is_alive():
+                raise QueueFull("the engine is not running (shutting down, or it failed: see the server log)")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (serve max_queue={self.max_queue})")
             self._queue.append(req)
@@ -100,6 +100,18 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # an engine bug: nobody would read the queue again, so fail everything and stop
+            log.exception("the engine failed; the server no longer accepts requests")
+            with self._cv:
+                self._stopping = True
+        for r in list(self._live.values()) + list(self._queue):
+            self._emit(r, "error", "the server is shutting down" if self._stopping else "the engine failed")
+        self._live.clear()
+        self._queue.clear()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._stopping and not self._queue and not self.rb.size and not self._live:
@@ -123,10 +135,6 @@ class Engine:
                 self._forward()
             self._report()
             self._gauges()
-        for r in list(self._live.values()) + list(self._queue):
-            self._emit(r, "error", "the server is shutting down")
-        self._live.clear()
-        self._queue.clear()
 
     def _admit(self, reqs: list[Request]) -> None:
         """Prefill ``reqs`` together; if that fails, one by one, failing only those that fail alone."""
@@ -152,10 +160,9 @@ class Engine:
         try:
             self.rb.step()
         except Exception:
-            log.exception("a forward failed; its %d rows are failed", n)
-            for row in list(self.rb.active):
-                if row in self._live:
-                    self._emit(self._live.pop(row), "error", "decoding failed")
+            log.exception("a forward failed; the %d requests in the batch are failed", len(self._live))
+            for row in list(self._live):  # every row in the batch shared it (some may have left it mid-step)
+                self._emit(self._live.pop(row), "error", "decoding failed")
             self.rb = RunningBatch(self.rb.decoder, self.rb.cfg)  # an empty batch, the same settings
             return
         if self.metrics:

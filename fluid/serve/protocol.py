@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 SUPPORTED = ("greedy decoding only: temperature 0 or absent, top_p 1, n 1, no logprobs, tools, penalties "
              "or logit_bias")
-MAX_STOP = 4
+MAX_STOP = 32   # OpenAI allows 4; lm-eval's local-completions sends a task's stop strings and EOS (5+)
 
 
 class RequestError(Exception):
