@@ -188,6 +188,15 @@ def step(model, opt, case, lb, pad_id):
     return float(loss)
 
 
+def skip_reason(case, args) -> str | None:
+    """Why ``case`` cannot run with ``args`` (decided before a process is spawned for it)."""
+    if case == "flex" and args.device != "cuda":
+        return "flex attention training needs CUDA"
+    if case == "two_pass" and args.finetune != "exact":
+        return "the two-pass step is exact mode's (--finetune exact)"
+    return None
+
+
 def run_case(case, args, queue):
     try:
         torch.set_num_threads(args.threads)
@@ -202,13 +211,7 @@ def run_case(case, args, queue):
             how = "expanded" if case == "khead_expanded" else resolve_lane_forward("auto", args.device)
             run = lambda: khead_step(model, head, opt, lb, batch, mask_id, how)  # noqa: E731
         if case == "flex":
-            if args.device != "cuda":
-                queue.put({"case": case, "skipped": "flex attention training needs CUDA"})
-                return
             model.config._attn_implementation = "flex_attention"
-        if case == "two_pass" and args.finetune != "exact":
-            queue.put({"case": case, "skipped": "the two-pass step is exact mode's (--finetune exact)"})
-            return
         if not case.startswith("khead"):
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             run = lambda: step(model, opt, case, lb, pad_id)  # noqa: E731
@@ -264,6 +267,9 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     results = {}
     for case in args.cases.split(","):
+        if skip_reason(case, args):
+            results[case] = {"case": case, "skipped": skip_reason(case, args)}
+            continue
         q = ctx.Queue()
         proc = ctx.Process(target=run_case, args=(case, args, q))
         proc.start()
