@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from fluid.serve.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,52 +51,13 @@ def read_prompts(spec: str, n: int) -> list[str]:
     return out[:n]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, name: str, checkpoint: str, overrides: list[str], log_dir: Path, start_timeout: float):
-        import httpx
-
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / f"server_{name}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "fluid.serve", f"checkpoint={checkpoint}",
-                                      f"port={self.port}", "log_level=warning", f"model_name={name}", *overrides],
-                                     cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        deadline = time.time() + start_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                sys.exit(f"error: the {name} server exited: {self.log.read_text()[-1500:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        self.stop()
-        sys.exit(f"error: the {name} server did not start within {start_timeout} s ({self.log})")
-
-    def metrics(self) -> dict[str, float]:
-        import httpx
-
-        out = {}
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                k, v = line.rsplit(" ", 1)
-                out[k] = float(v)
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        self.name = name
+        try:
+            super().__init__(checkpoint, [f"model_name={name}", *overrides], log_dir / f"server_{name}.log", start_timeout)
+        except RuntimeError as e:
+            sys.exit(f"error: the {name} server: {e}")
 
 
 def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:

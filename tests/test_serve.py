@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from fluid.serve.process import ServerProcess  # noqa: E402
 from tests.conftest import ROOT, tiny_model  # noqa: E402
 
 START_TIMEOUT_S = 90
@@ -49,51 +49,16 @@ def stage2(tmp_path_factory, arith_tokenizer) -> Path:
     return s2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """A server with the real openai client pointed at it."""
 
-
-class Server:
     def __init__(self, checkpoint: Path, log: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "fluid.serve", f"checkpoint={checkpoint}",
-                                      f"port={self.port}", "log_level=warning", *args],
-                                     cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + START_TIMEOUT_S
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}): {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            self.stop()
-            raise RuntimeError(f"the server did not start in {START_TIMEOUT_S} s: {log.read_text()[-2000:]}")
+        super().__init__(checkpoint, args, log, START_TIMEOUT_S, env={"OMP_NUM_THREADS": "1"})
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
         self.model = self.client.models.list().data[0].id
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return self.metrics()[name]
 
 
 @pytest.fixture(scope="module")
