@@ -204,3 +204,14 @@ def assert_model_generate_is_fluid_and_greedy(ckpt, max_new_tokens: int = 12) ->
             warnings.simplefilter("always")
             model.generate(ids, attention_mask=mask, max_new_tokens=3, **changes)
         assert any("standard generate" in str(w.message) for w in caught), changes
+
+
+# Files whose tests run longest (training subprocesses, the demo), collected first: with
+# `pytest -n N --dist loadfile` (make test) a long file that starts last would run alone at the end.
+LONG_FILES = ("test_robustness.py", "test_demo.py", "test_sharded.py", "test_scripts.py", "test_pipeline.py",
+              "test_serve.py", "test_evaluate.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: a file keeps its order
