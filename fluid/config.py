@@ -128,48 +128,39 @@ def dotted_keys(node, prefix: str = "") -> list[str]:
     return out
 
 
-# conf/experiment/<backbone>_stage<N>.yaml: a backbone's recipe for one stage, which train.yaml
-# applies on its own (`experiment: ${backbone}_stage${stage}`); it holds values, not choices
-RECIPE = re.compile(r"(?P<backbone>\w+)_stage(?P<stage>\d+)$")
+# the groups a recipe's values are written for: a command line that chooses another option of
+# one of them next to the recipe is refused (its values would land on the wrong stage or model);
+# any other group the recipe chooses (trainer, strategy, data) the command line may change
+RECIPE_GROUPS = ("stage", "backbone")
 
 
-def _default_choice(group: str, conf_dir: Path) -> str | None:
-    for d in OmegaConf.load(conf_dir / "train.yaml").get("defaults", []):
-        if isinstance(d, DictConfig) and group in d:
-            return str(d[group])
-    return None
+def experiment_choices(name: str, conf_dir: Path = CONF_DIR) -> dict[str, str]:
+    """The group choices ``conf/experiment/NAME.yaml`` makes (``override /stage: "1"`` -> stage: 1)."""
+    path = conf_dir / "experiment" / f"{name}.yaml"
+    out = {}
+    for d in (OmegaConf.load(path).get("defaults") or []) if path.exists() else []:
+        if isinstance(d, DictConfig):
+            for k, v in d.items():
+                if str(k).startswith("override /"):
+                    out[str(k)[len("override /"):]] = str(v)
+    return out
 
 
 def _check_recipe(overrides: list[str], conf_dir: Path) -> str | None:
-    """``experiment=tiny_stage1`` without ``stage=1``: its values would land on another stage."""
-    chosen = dict(ov.split("=", 1) for ov in overrides if "=" in ov and not ov.startswith(("+", "~", "hydra")))
-    for name in chosen.get("experiment", "").split(","):
-        m = RECIPE.match(name.strip())
-        if not m or not (conf_dir / "backbone" / f"{m['backbone']}.yaml").exists():
-            continue
-        for group in ("stage", "backbone"):
-            got = chosen.get(group, _default_choice(group, conf_dir)) or ""
-            if any(g.strip().strip("'\"") != m[group] for g in got.split(",")):
-                return (f"experiment={name.strip()}: the {m['backbone']} backbone's stage-{m['stage']} recipe, applied "
-                        f"on its own by `stage={m['stage']} backbone={m['backbone']}`; run that instead")
+    """``experiment=tiny_stage1 stage=0``: the recipe's stage-1 values would land on stage 0."""
+    chosen = {}
+    for ov in overrides:
+        if "=" in ov and not ov.startswith(("~", "hydra")):
+            key, value = ov.split("=", 1)
+            chosen[key.lstrip("+")] = [v.strip().strip("'\"") for v in value.split(",")]
+    for name in chosen.get("experiment", []):
+        made = experiment_choices(name, conf_dir)
+        for group in RECIPE_GROUPS:
+            other = [v for v in chosen.get(group, []) if group in made and v != made[group]]
+            if other:
+                return (f"{group}={other[0]}: experiment={name} is a recipe for {group}={made[group]}; "
+                        f"drop {group}={other[0]} or choose a recipe for it (conf/experiment)")
     return None
-
-
-def expand_recipe(overrides: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
-    """``experiment=pangu7b_stage1`` given alone: add the choices its name implies (``stage=1
-    backbone=pangu7b``) and those its ``recipe_groups`` key lists (``strategy=deepspeed_zero2``),
-    unless the command line makes them itself (a different choice is then refused by
-    :func:`check_group_overrides`). A recipe file cannot choose groups itself: train.yaml
-    selects it through an interpolation, and such a file may not override the defaults list."""
-    chosen = {ov.split("=", 1)[0].lstrip("+") for ov in overrides if "=" in ov and not ov.startswith(("~", "hydra"))}
-    exp = next((ov.split("=", 1)[1] for ov in overrides if ov.startswith("experiment=")), "")
-    m = RECIPE.match(exp.strip())
-    path = conf_dir / "experiment" / f"{exp.strip()}.yaml"
-    if "," in exp or not m or not path.exists() or not (conf_dir / "backbone" / f"{m['backbone']}.yaml").exists():
-        return overrides
-    groups = {"stage": m["stage"], "backbone": m["backbone"]}
-    groups.update({k: str(v) for k, v in (OmegaConf.load(path).get("recipe_groups") or {}).items()})
-    return [f"{g}={c}" for g, c in groups.items() if g not in chosen] + overrides  # before any --flag
 
 
 def quote_numeric_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:

@@ -131,13 +131,16 @@ def apply_lanes_lora(model: nn.Module, peft_config, mask_token_id: int, train_ma
     return peft_model
 
 
-def save_and_unload(peft_model: nn.Module, out: Path) -> nn.Module:
-    """Write the adapter and the MASK offset to ``out/lane_adapter``; return the original model
-    (LoRA layers and hooks removed, weights unmerged)."""
-    gate = gate_of(peft_model)
+def save_lane_adapter(peft_model: nn.Module, out: Path) -> None:
+    """Write the adapter and the MASK offset to ``out/lane_adapter``."""
     adapter = Path(out) / LANE_ADAPTER_DIR
     peft_model.save_pretrained(adapter)
-    gate.save(adapter / GATE_FILE)
+    gate_of(peft_model).save(adapter / GATE_FILE)
+
+
+def unload_lanes(peft_model: nn.Module) -> nn.Module:
+    """The original model: LoRA layers and the MASK hooks removed, weights unmerged."""
+    gate = gate_of(peft_model)
     gate.remove()
     delattr(peft_model.get_base_model(), ATTR)
     return peft_model.unload()

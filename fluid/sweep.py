@@ -1,6 +1,6 @@
 """Multirun sweeps: a shared W&B group and a summary written when the sweep ends.
 
-``python -m fluid.train -m stage=2 tau.value=1.5,2.8,4.0`` runs each value in its own run
+``python -m fluid.train -m experiment=tiny_stage2 tau.value=1.5,2.8,4.0`` runs each value in its own run
 directory; :class:`SweepSummary` (a Hydra callback) then writes ``summary.json``,
 ``summary.md`` and ``summary.png`` (tau against mean target K and head accuracy) into the
 sweep directory.

@@ -1,4 +1,4 @@
-"""Training entry point: ``python -m fluid.train stage=0|1|2 backbone=... data=...``.
+"""Training entry point: ``python -m fluid.train experiment=RECIPE`` or ``stage=0|1|2 backbone=... data=...``.
 
 ``train(cfg)`` instantiates data, module and trainer from the composed config, fits, exports
 a Hugging Face checkpoint, evaluates on the test split and returns the flat metrics dict
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fluid.config import CONF_DIR, expand_recipe, register_resolvers, run_entry_point
+from fluid.config import CONF_DIR, register_resolvers, run_entry_point
 from fluid.utils.build import instantiate, instantiate_dict
 from fluid.utils.errors import FluidConfigError, one_line_errors
 
@@ -125,6 +124,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         elif rank0:
             check_finite(module)
             module.export_hf(ckpt, **export_meta(cfg))
+        else:  # the other ranks test the model rank 0 exported
+            module.as_exported()
         trainer.strategy.barrier()
         metrics["checkpoint_dir"] = str(ckpt.resolve())
         if cfg.get("test", True) and cfg.stage.get("run_test", True):
@@ -162,18 +163,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _recipe_line() -> str:
-    """``recipe: conf/experiment/NAME.yaml`` (given as experiment=NAME, or the backbone's own for
-    this stage, which train.yaml applies when it exists), or ``recipe: none``."""
+    """``recipe: conf/experiment/NAME.yaml (experiment=NAME)``, or ``recipe: none``."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return "recipe: unknown (composed outside a Hydra app)"
     name = HydraConfig.get().runtime.choices.get("experiment")
     if not name:
-        return "recipe: none (the stage's own defaults)"
-    chosen = any(o.split("=", 1)[0].lstrip("+") == "experiment" for o in HydraConfig.get().overrides.task)
-    how = "experiment=" + name if chosen else "the backbone's own recipe for this stage; ~experiment drops it"
-    return f"recipe: conf/experiment/{name}.yaml ({how})"
+        return "recipe: none (the stage's own defaults; experiment=NAME applies conf/experiment/NAME.yaml)"
+    return f"recipe: conf/experiment/{name}.yaml (experiment={name})"
 
 
 def _apply_global_batch(cfg: DictConfig) -> None:
@@ -328,7 +326,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    run_entry_point("train", _hydra_main, expand_recipe(sys.argv[1:]))
+    run_entry_point("train", _hydra_main)
 
 
 if __name__ == "__main__":

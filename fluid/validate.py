@@ -109,7 +109,7 @@ GROUP_RULES = {
     "tau": {"tau.value": positive(), "tau.sigma": positive()},
 }
 # top-level keys of ``conf/train.yaml`` and its groups; anything else is a typo or an unsupported option
-TRAIN_KEYS = {"recipe_groups", "ckpt_path", "task_name", "run_name", "run_tags", "seed", "test", "publish", "paths",
+TRAIN_KEYS = {"ckpt_path", "task_name", "run_name", "run_tags", "seed", "test", "publish", "paths",
               "stage", "backbone", "data", "masking", "tau", "trainer", "strategy", "logger", "callbacks", "debug",
               "experiment", "optimized_metric", "hydra"}
 

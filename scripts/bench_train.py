@@ -99,10 +99,10 @@ def build(args):
 
 
 def default_finetune() -> str:
-    """The embedded pipeline's stage-1 setting (its composed recipe: stage.module.lora.enabled)."""
+    """The embedded pipeline's stage-1 setting (its recipe experiment=tiny_stage1: stage.module.lora.enabled)."""
     from fluid.utils.compose import compose
 
-    return "lora" if compose("train", ["stage=1"]).stage.module.lora.enabled else "full"
+    return "lora" if compose("train", ["experiment=tiny_stage1"]).stage.module.lora.enabled else "full"
 
 
 def reference_mask(lb) -> torch.Tensor:

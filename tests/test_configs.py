@@ -11,7 +11,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fluid.backbones.spec import BackboneSpec
-from fluid.config import CONF_DIR, RECIPE, check_group_overrides, group_options, subdir
+from fluid.config import CONF_DIR, check_group_overrides, experiment_choices, group_options, subdir
 from fluid.utils.errors import FluidConfigError
 from tests.conftest import compose_cfg
 from tests.test_sft import write_gsm8k, write_jsonl
@@ -24,8 +24,8 @@ SMALL_ARITH = ["data.source.n_train=16", "data.source.n_val=4", "data.source.n_t
 
 
 def _extra(group: str, option: str, tmp_path: Path) -> list[str]:
-    """Overrides an option needs to be built here: its data files, the stage a recipe or a tau is
-    for, and for stage 2 the horizon that a stage-1 checkpoint's fluid.json would give."""
+    """Overrides an option needs to be built here: its data files, the stage a tau is for, and
+    for stage 2 the horizon that a stage-1 checkpoint's fluid.json would give."""
     extra = []
     if (group, option) == ("data", "jsonl"):
         extra += [f"data.source.train_path={write_jsonl(tmp_path / 'train.jsonl', 12)}"]
@@ -34,17 +34,10 @@ def _extra(group: str, option: str, tmp_path: Path) -> list[str]:
     if (group, option) == ("data", "arith"):
         extra += SMALL_ARITH
     stage = None
-    if group == "stage":  # the stage file's own values, without the tiny backbone's recipe on top
+    if group == "stage":
         stage = option
-        extra += ["~experiment"]
-    m = RECIPE.match(option) if group == "experiment" else None
-    if m and (CONF_DIR / "backbone" / f"{m['backbone']}.yaml").exists():  # a backbone's own stage recipe
-        stage = m["stage"]
-        extra += [f"stage={stage}", f"backbone={m['backbone']}"]
-    elif m:  # a recipe that chooses its stage and backbone itself (smollm2_gsm8k_stage1)
-        stage = m["stage"]
-    if group == "experiment" and option.startswith("tiny_stage") and option.endswith("_long"):
-        stage = option[len("tiny_stage")]  # the recipe names its stage itself (defaults: override /stage)
+    if group == "experiment":  # a recipe chooses its stage itself (defaults: override /stage)
+        stage = experiment_choices(option).get("stage")
     if group == "tau":
         stage = "2"
         extra += ["stage=2"]
@@ -182,7 +175,7 @@ def _recipe_values(option: str) -> dict:
 
     def walk(n, prefix):
         for k, v in n.items():
-            if prefix == "" and k in ("defaults", "recipe_groups"):
+            if prefix == "" and k == "defaults":
                 continue
             if isinstance(v, DictConfig):
                 walk(v, f"{prefix}{k}.")
@@ -197,29 +190,28 @@ def _applies(cfg: DictConfig, values: dict) -> bool:
     return all(OmegaConf.select(cfg, k) == v for k, v in values.items())
 
 
-def test_stage_defaults_are_the_embedded_recipe():
-    """Plain `stage=N` runs the tiny backbone's recipe (conf/experiment/tiny_stageN.yaml): every
-    value the file sets is the composed one. Other backbones get the plain stage defaults, and
-    `~experiment` drops the recipe; an explicit experiment replaces it."""
+def test_a_recipe_applies_only_when_named():
+    """No run takes a recipe it did not name: train.yaml chooses none by default and no config
+    chooses a group through an interpolation (a file added to conf/ would then change runs).
+    ``experiment=NAME`` applies every value of its file and the stage and backbone it chooses."""
     out = Path("/tmp")
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        for entry in OmegaConf.load(path).get("defaults") or [] if path.parent.name != "hydra" else []:
+            assert "${" not in str(entry), f"{path.relative_to(CONF_DIR)}: a choice by interpolation: {entry}"
     for n in (0, 1, 2):
-        recipe = _recipe_values(f"tiny_stage{n}")
-        cfg = compose_cfg([f"stage={n}"], out)
-        assert recipe and _applies(cfg, recipe), n
-        assert HydraConfig.get().runtime.choices.experiment == f"tiny_stage{n}"
-        assert cfg.trainer.max_steps == cfg.stage.max_steps
-        plain = compose_cfg([f"stage={n}", "~experiment"], out)
-        assert not _applies(plain, recipe), n  # the recipe changes something, and ~experiment drops it
+        plain = compose_cfg([f"stage={n}"], out)
+        assert HydraConfig.get().runtime.choices.experiment is None
         stage_file = OmegaConf.load(CONF_DIR / "stage" / f"{n}.yaml")
-        assert plain.stage.max_steps == stage_file.max_steps
-        if n == 1:
-            other = compose_cfg(["stage=1", "backbone=smollm2_135m"], out)  # no smollm2_135m_stage1.yaml
-            assert OmegaConf.to_container(other.stage, resolve=False) == \
-                OmegaConf.to_container(plain.stage, resolve=False)
-    long1 = compose_cfg(["stage=1", "experiment=tiny_stage1_long"], out)
-    assert _applies(long1, _recipe_values("tiny_stage1_long"))
-    for option in ("arith_ar_prior", "smollm2_gsm8k_ar", "smollm2_gsm8k_stage1"):
-        assert _applies(compose_cfg([f"experiment={option}"], out), _recipe_values(option)), option
+        assert plain.stage.max_steps == stage_file.max_steps == plain.trainer.max_steps
+        recipe = _recipe_values(f"tiny_stage{n}")
+        cfg = compose_cfg([f"experiment=tiny_stage{n}"], out)
+        assert recipe and _applies(cfg, recipe) and not _applies(plain, recipe), n
+        assert (cfg.stage.id, cfg.backbone.name, cfg.trainer.max_steps) == (n, "tiny", cfg.stage.max_steps)
+    for option in group_options("experiment"):  # every recipe names its stage and backbone
+        made = experiment_choices(option)
+        cfg = compose_cfg([f"experiment={option}"], out)
+        assert _applies(cfg, _recipe_values(option)), option
+        assert (str(cfg.stage.id), cfg.backbone.name) == (made["stage"], made["backbone"]), option
     s1 = compose_cfg(["experiment=smollm2_gsm8k_stage1", "data.responses=self"], out)
     assert (s1.stage.id, s1.backbone.name, s1.data.name) == (1, "smollm2_135m", "gsm8k")  # its group choices
     assert s1.data.self_responses.model == s1.backbone.path  # stage 1 learns the backbone's responses
@@ -278,15 +270,14 @@ def test_unknown_group_option_is_one_line():
 
 
 def test_a_recipe_for_another_stage_is_refused_in_one_line():
-    """conf/experiment/tiny_stage1.yaml is applied by `stage=1` itself; chosen by name for stage 0
-    its stage-1 values would land on the stage-0 module."""
-    msg = check_group_overrides(["experiment=tiny_stage1"])
-    assert msg.startswith("experiment=tiny_stage1:") and "stage=1 backbone=tiny" in msg and "\n" not in msg
-    assert check_group_overrides(["experiment=tiny_stage1", "stage=1", "backbone=smollm2_135m"])
-    assert check_group_overrides(["-m", "experiment=tiny_stage1", "stage=0,1"])
-    assert check_group_overrides(["experiment=tiny_stage1", "stage=1"]) is None
-    assert check_group_overrides(["experiment=tiny_stage0"]) is None  # stage 0 and tiny are the defaults
-    assert check_group_overrides(["experiment=smollm2_gsm8k_ar", "stage=2"]) is None  # not a recipe
+    """``experiment=tiny_stage1`` is a stage-1 recipe for the tiny backbone: with ``stage=0`` its
+    values would land on the stage-0 module, with another backbone on a model it was not made for."""
+    msg = check_group_overrides(["experiment=tiny_stage1", "stage=0"])
+    assert msg.startswith("stage=0: experiment=tiny_stage1 is a recipe for stage=1") and "\n" not in msg
+    assert check_group_overrides(["experiment=tiny_stage1", "backbone=smollm2_135m"]).startswith("backbone=smollm2_135m:")
+    assert check_group_overrides(["-m", "experiment=tiny_stage1", "stage=1,0"]).startswith("stage=0:")
+    assert check_group_overrides(["experiment=tiny_stage1", "stage=1", "backbone=tiny"]) is None
+    assert check_group_overrides(["experiment=tiny_stage1", "data=gsm8k", "strategy=ddp"]) is None  # other groups: yours
 
 
 def _compose_named(config_name: str, overrides: list[str]) -> DictConfig:

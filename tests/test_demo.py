@@ -51,7 +51,7 @@ def test_demo_writes_the_report_table_and_plot(first_run):
     assert len(ks) >= 2 and all(a <= b + 1e-6 for a, b in zip(ks, ks[1:])) and ks[-1] > ks[0], ks
     assert set(rep["timings"]["steps"]) == {"stage0", "stage1", "stage2", "eval_prior", "eval_fluid"}
     assert not any(s["reused"] for s in rep["timings"]["steps"].values())
-    assert rep["recipe"]["stage1"]["command"].startswith("python -m fluid.train stage=1")
+    assert rep["recipe"]["stage1"]["command"].startswith("python -m fluid.train experiment=tiny_stage1")
     assert len(rep["examples"]) == 2 and all("reference" in e and "correct" in e for e in rep["examples"])
     assert (out / "speed_accuracy.png").stat().st_size > 10_000
     md = (out / "report.md").read_text()

@@ -25,7 +25,7 @@ def artifacts(tmp_path_factory):
 
 
 def run_stage(stage, tmp_path, cache_dir, artifacts, *extra):
-    overrides = [f"stage={stage}", "trainer.max_steps=4", "trainer.val_check_interval=2", *SMALL, *extra]
+    overrides = [f"experiment=tiny_stage{stage}", "trainer.max_steps=4", "trainer.val_check_interval=2", *SMALL, *extra]
     if stage == 2:
         overrides = [o for o in overrides if "eval_max_new_tokens" not in o]
     cfg = compose_cfg(overrides, tmp_path, cache_dir)
@@ -141,7 +141,7 @@ def test_stage2_trains_the_head(stage1, tmp_path, cache_dir, artifacts):
 
 def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artifacts):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fluid.train", "-m", "stage=2", "tau.value=1.5,4.0", "trainer.max_steps=2",
+    cmd = [sys.executable, "-m", "fluid.train", "-m", "experiment=tiny_stage2", "tau.value=1.5,4.0", "trainer.max_steps=2",
            "trainer.val_check_interval=2", *[o for o in SMALL if "eval_max" not in o],
            f"paths.artifacts_dir={artifacts}", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
            "logger=wandb", "logger.wandb.offline=true"]

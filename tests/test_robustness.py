@@ -153,7 +153,8 @@ def test_non_finite_loss_stops_with_the_step_and_publishes_nothing(tmp_path, cap
 
 def test_two_device_ddp_stage1_completes(tmp_path, tiny_checkpoint):
     """``trainer.devices=2 stage=1`` relaunches the script for rank 1 with Hydra's argv (the
-    quoted ``stage='1'``); both ranks train, one writes the run's files."""
+    quoted ``stage='1'``); both ranks train, one writes the run's files, and both test the model
+    it exported (the stage's defaults train LoRA: rank 1 merges it too, without writing)."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "fluid.train", "stage=1", "trainer.devices=2", "trainer.max_steps=3",
            f"backbone.path={tiny_checkpoint}", "logger=csv", "publish=false", "data.source.n_train=64",
@@ -202,7 +203,7 @@ def test_exported_special_tokens_let_hf_generate_stop_at_eos(tmp_path, arith_tok
 
 
 def _start_stage0(run, cache_dir):
-    cmd = [sys.executable, "-m", "fluid.train", "stage=0", "trainer.max_steps=5000", "logger=csv", "publish=false",
+    cmd = [sys.executable, "-m", "fluid.train", "experiment=tiny_stage0", "trainer.max_steps=5000", "logger=csv", "publish=false",
            "test=false", "trainer.enable_progress_bar=false", "data.source.n_train=256", "data.source.n_val=8",
            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -252,8 +253,8 @@ def test_kill_9_is_reported_by_the_next_start(tmp_path, cache_dir, capsys):
 
 
 def _stage0_cmd(run, cache_dir, steps, *extra):
-    return [sys.executable, "-m", "fluid.train", "stage=0", f"trainer.max_steps={steps}", "logger=csv", "publish=false",
-            "test=false", "trainer.enable_progress_bar=false", "data.source.n_train=96", "data.source.n_val=8",
+    return [sys.executable, "-m", "fluid.train", "experiment=tiny_stage0", f"trainer.max_steps={steps}", "logger=csv",
+            "publish=false", "test=false", "trainer.enable_progress_bar=false", "data.source.n_train=96", "data.source.n_val=8",
             "data.batch_size=8", "trainer.val_check_interval=1000", "callbacks.model_checkpoint.every_n_train_steps=2",
             f"+callbacks.batch_log={{_target_:fluid.utils.callbacks.BatchLog,path:{run}/batches.jsonl}}",
             f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}", *extra]
@@ -320,16 +321,13 @@ def test_a_resumed_run_keeps_the_metrics_its_first_part_logged(tmp_path, cache_d
 
 
 def test_published_pangu_recipes_compose_with_their_values(tmp_path):
-    """``experiment=pangu7b_stage1`` alone: the stage, backbone, strategy and trainer it implies,
-    and the published hyperparameters."""
-    from fluid.config import check_group_overrides, expand_recipe
+    """``experiment=pangu7b_stage1`` alone: the stage, backbone, strategy and trainer it chooses
+    (``override /group`` in the file), and the published hyperparameters."""
+    from fluid.config import check_group_overrides
     from tests.conftest import compose_cfg
 
-    argv = expand_recipe(["experiment=pangu7b_stage1"])
-    assert check_group_overrides(argv) is None
-    assert set(argv) == {"experiment=pangu7b_stage1", "stage=1", "backbone=pangu7b", "strategy=deepspeed_zero2",
-                         "trainer=gpu"}
-    c = compose_cfg(argv, tmp_path)
+    assert check_group_overrides(["experiment=pangu7b_stage1"]) is None
+    c = compose_cfg(["experiment=pangu7b_stage1"], tmp_path)
     lora, optim = c.stage.module.lora, c.stage.module.optim
     assert (c.backbone.name, c.stage.id, c.stage.max_steps) == ("pangu7b", 1, 32000)
     assert (lora.enabled, lora.r, lora.alpha, lora.target_modules) == (True, 16, 32, "all-linear")
@@ -337,12 +335,13 @@ def test_published_pangu_recipes_compose_with_their_values(tmp_path):
     assert (c.masking.horizon, c.data.batch_size, c.data.max_length) == (16, 2, 1024)
     assert (c.trainer.devices, c.trainer.precision, c.strategy.stage) == (8, "bf16-mixed", 2)
     assert "DeepSpeedStrategy" in c.strategy._target_
-    c2 = compose_cfg(expand_recipe(["experiment=pangu7b_stage2"]), tmp_path)
+    c2 = compose_cfg(["experiment=pangu7b_stage2"], tmp_path)
     assert (c2.stage.id, c2.stage.max_steps, c2.stage.module.horizon, c2.tau.value) == (2, 2000, 16, 2.8)
-    # a choice given on the command line wins; a contradicting stage is refused
-    assert "strategy=ddp" in expand_recipe(["experiment=pangu7b_stage1", "strategy=ddp"])
-    assert "strategy=deepspeed_zero2" not in expand_recipe(["experiment=pangu7b_stage1", "strategy=ddp"])
-    assert check_group_overrides(expand_recipe(["experiment=pangu7b_stage1", "stage=2"]))
+    assert "DDPStrategy" in c2.strategy._target_
+    # a choice given on the command line wins; a contradicting stage or backbone is refused
+    assert "DDPStrategy" in compose_cfg(["experiment=pangu7b_stage1", "strategy=ddp"], tmp_path).strategy._target_
+    assert check_group_overrides(["experiment=pangu7b_stage1", "strategy=ddp"]) is None
+    assert check_group_overrides(["experiment=pangu7b_stage1", "stage=2"]).startswith("stage=2: experiment=pangu7b_stage1")
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -637,8 +636,9 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, capsys, cache_dir, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_io.torch, "save", full)
-    code, err = run_main("train", ["stage=0", "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1",
-                                   "data.source.n_train=32", "data.source.n_val=4", "test=false",
+    code, err = run_main("train", ["experiment=tiny_stage0", "trainer.max_steps=2",
+                                   "callbacks.model_checkpoint.every_n_train_steps=1", "data.source.n_train=32",
+                                   "data.source.n_val=4", "test=false",
                                    f"paths.cache_dir={cache_dir}", "trainer.enable_progress_bar=false"], tmp_path, capsys)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 3 and lines[-1].startswith("failed: checkpoint: no space left writing"), err[-2000:]
@@ -647,13 +647,13 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, capsys, cache_dir, monk
 
 
 @pytest.mark.parametrize("overrides,line", [
-    (["stage=1"], "# recipe: conf/experiment/tiny_stage1.yaml (the backbone's own recipe for this stage"),
-    (["stage=1", "~experiment"], "# recipe: none"),
+    (["stage=1"], "# recipe: none (the stage's own defaults"),
+    (["experiment=tiny_stage1"], "# recipe: conf/experiment/tiny_stage1.yaml (experiment=tiny_stage1)"),
     (["stage=1", "experiment=tiny_stage1_long"], "# recipe: conf/experiment/tiny_stage1_long.yaml (experiment="),
 ])
 def test_a_run_names_the_recipe_it_applied(overrides, line, tmp_path, capsys):
-    """A recipe file chosen by its name alone changes a run: the run says which, in config.yaml
-    and in its log."""
+    """A recipe applies only when the command line names it, and the run says which, in
+    config.yaml and in its log."""
     code, _ = run_main("train", [*overrides, "stage.module.optim.lr=-1"], tmp_path, capsys)  # stops after writing them
     assert code == 2
     assert (tmp_path / "run" / "config.yaml").read_text().splitlines()[0].startswith(line)

@@ -32,7 +32,8 @@ ZERO = {"deepspeed_zero2": ["strategy=deepspeed_zero2", CPU_DEEPSPEED],
 
 def _train(run, *args, stage="1", env=None):
     short_test = ["stage.module.eval_max_new_tokens=8"] if stage == "1" else ["test=false"]
-    cmd = [sys.executable, "-m", "fluid.train", f"stage={stage}", *COMMON, *short_test, *args, f"hydra.run.dir={run}"]
+    cmd = [sys.executable, "-m", "fluid.train", f"experiment=tiny_stage{stage}", *COMMON, *short_test, *args,
+           f"hydra.run.dir={run}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert r.returncode == 0, r.stderr[-3000:]

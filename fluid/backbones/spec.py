@@ -58,7 +58,7 @@ class BackboneSpec:
             if key not in known:
                 raise FluidConfigError(f"backbone.{key}", "is not a backbone setting",
                                        f"a backbone config holds only {', '.join(known)}; how a stage trains "
-                                       "it belongs in conf/experiment/<backbone>_stage<N>.yaml")
+                                       "it belongs in a recipe, conf/experiment/NAME.yaml")
         spec = cls(**data)
         spec.validate()
         return spec
@@ -92,7 +92,7 @@ class BackboneSpec:
             log.info("backbone %s: preparing %s", self.name, path)
             get_method(self.prepare)(path)
         if require and path and _looks_local(path) and not os.path.exists(path):
-            fix = ("run stage 0 first (python -m fluid.train stage=0) or point backbone.path at a checkpoint"
+            fix = ("run stage 0 first (python -m fluid.train experiment=tiny_stage0) or point backbone.path at a checkpoint"
                    if self.is_embedded else "point backbone.path at a local Hugging Face directory or a hub id")
             raise FluidConfigError("backbone.path", f"checkpoint {path!r} does not exist", fix)
         return path

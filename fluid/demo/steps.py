@@ -28,10 +28,9 @@ def compose(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    from fluid.config import expand_recipe
     from fluid.utils.compose import compose as compose_config
 
-    cfg = compose_config(config_name, expand_recipe(list(overrides)))
+    cfg = compose_config(config_name, list(overrides))
     GlobalHydra.instance().clear()
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
@@ -104,15 +103,31 @@ class Step:
         return {"seconds": seconds, "reused": False}
 
 
+def recipes(demo: DictConfig) -> list[str]:
+    """``experiment=NAME`` for stage 0, 1 and 2 (``demo.recipes``), each checked to be that stage's."""
+    from fluid.config import experiment_choices, group_options
+
+    names = list(demo.recipes)
+    if len(names) != 3:
+        raise FluidConfigError("recipes", f"names {len(names)} recipes", "name one for each of stages 0, 1 and 2")
+    for stage, name in enumerate(names):
+        if name not in group_options("experiment"):
+            raise FluidConfigError("recipes", f"{name!r} is not a recipe", "see conf/experiment")
+        if experiment_choices(name).get("stage") != str(stage):
+            raise FluidConfigError("recipes", f"{name!r} is not a stage-{stage} recipe",
+                                   "list the recipes of stage 0, 1 and 2 in that order")
+    return [f"experiment={name}" for name in names]
+
+
 def pipeline(demo: DictConfig) -> list[Step]:
     out = Path(demo.out_dir).resolve()
     train = list(demo.train)
-    s0 = Step("stage0", "train", "train", ["stage=0", *train, *demo.stage0], out, [])
+    r0, r1, r2 = recipes(demo)
+    s0 = Step("stage0", "train", "train", [r0, *train, *demo.stage0], out, [])
     ckpt0 = s0.run_dir / "checkpoint"
-    s1 = Step("stage1", "train", "train", ["stage=1", f"backbone.path={ckpt0}", *train, *demo.stage1], out, [s0])
+    s1 = Step("stage1", "train", "train", [r1, f"backbone.path={ckpt0}", *train, *demo.stage1], out, [s0])
     ckpt1 = s1.run_dir / "checkpoint"
-    s2 = Step("stage2", "train", "train", ["stage=2", f"stage.init_checkpoint={ckpt1}", *train, *demo.stage2], out,
-              [s1])
+    s2 = Step("stage2", "train", "train", [r2, f"stage.init_checkpoint={ckpt1}", *train, *demo.stage2], out, [s1])
     ev = list(demo.evaluate.overrides)
     e0 = Step("eval_prior", "evaluate", "evaluate", [f"checkpoint={ckpt0}", *ev, "~settings", "+settings={}"], out, [s0])
     e2 = Step("eval_fluid", "evaluate", "evaluate",

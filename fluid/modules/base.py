@@ -86,6 +86,10 @@ class FluidModule(L.LightningModule):
         return CheckpointMeta(stage=self.stage_id, source_backbone=self.spec.name, source_path=self.spec.path,
                               mask_token=self.tokenizer.mask_token, mask_token_id=self.tokenizer.mask_token_id)
 
+    def as_exported(self) -> None:
+        """``self.model`` as :meth:`export_hf` leaves it, without writing (a stage that changes
+        its model for export, such as stage 1 merging its LoRA, overrides this)."""
+
     def export_hf(self, out_dir: str | os.PathLike, **fields) -> Path:
         """Save model + tokenizer as a plain Hugging Face directory (+ ``fluid.json``); ``fields``
         are further :class:`CheckpointMeta` fields (the run's data and seed)."""

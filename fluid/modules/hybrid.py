@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from fluid.backbones.compat import kv_cache
 from fluid.backbones.tokens import noise_token_ids, num_embeddings, resolve_mask_token
 from fluid.checkpoint import CheckpointMeta
-from fluid.exact import LANE_ADAPTER_DIR, save_and_unload
+from fluid.exact import LANE_ADAPTER_DIR, save_lane_adapter, unload_lanes
 from fluid.lanes import AttentionBackend, LaneBatch
 from fluid.lanes.attention import attention_mask_for, split_main_slots
 from fluid.modules.lanes import LaneModule
@@ -285,8 +285,17 @@ class HybridDiffusionModule(LaneModule):
         out = Path(out_dir)
         if self.lora.scope == "lanes":
             out.mkdir(parents=True, exist_ok=True)
-            self.model = save_and_unload(self.model, out)
+            save_lane_adapter(self.model, out)
         elif self.lora.enabled:
             self.model.save_pretrained(self._adapter_dir(out))
-            self.model = merge(self.model)
+        self.as_exported()
         return super().export_hf(out, **fields)
+
+    def as_exported(self) -> None:
+        """``self.model`` as the export holds it (merged LoRA; exact mode: the original model),
+        without writing: the ranks that do not export call it so that every rank tests one model."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            return
+        self.model = unload_lanes(self.model) if self.lora.scope == "lanes" else merge(self.model)
