@@ -14,30 +14,24 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fluid.config import CONF_DIR, quote_numeric_group_overrides, register_resolvers  # noqa: E402
+from fluid.config import register_resolvers  # noqa: E402
 
 register_resolvers()
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def compose_cfg(overrides: list[str], out_dir: Path, cache_dir: Path | None = None):
-    """Compose the real ``train`` config, with run outputs in ``out_dir``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
+    """Compose the real ``train`` config (fluid.utils.compose), with run outputs in ``out_dir``."""
     from omegaconf import open_dict
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=quote_numeric_group_overrides(overrides),
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    from fluid.utils.compose import compose
+
+    cfg = compose("train", overrides, hydra_runtime=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
         cfg.paths.output_root = str(out_dir / "outputs")
         if cache_dir is not None:
             cfg.paths.cache_dir = str(cache_dir)
-        del cfg.hydra
     return cfg
 
 

@@ -181,16 +181,10 @@ def stage2(stage1, tmp_path_factory, cache_dir, artifacts):
 
 
 def _generate(tmp_path, *overrides):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fluid.config import CONF_DIR
     from fluid.generate import run
+    from fluid.utils.compose import compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="generate", overrides=list(overrides))
-    return run(cfg)
+    return run(compose("generate", overrides))
 
 
 def test_generate_cli_writes_jsonl_and_is_lossless(stage2, tmp_path, capsys):

@@ -18,10 +18,7 @@ def test_convert_script_writes_where_the_backbone_reads(monkeypatch, tmp_path):
     """scripts/convert_smollm2.py defaults to backbone=smollm2_135m's own path (paths.cache_dir)."""
     import importlib.util
 
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fluid.config import CONF_DIR
+    from fluid.utils.compose import compose
     from tests.conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("convert_smollm2", ROOT / "scripts" / "convert_smollm2.py")
@@ -32,9 +29,7 @@ def test_convert_script_writes_where_the_backbone_reads(monkeypatch, tmp_path):
             monkeypatch.setenv("FLUID_CACHE", cache)
         else:
             monkeypatch.delenv("FLUID_CACHE", raising=False)
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=["backbone=smollm2_135m"])
+        cfg = compose("train", ["backbone=smollm2_135m"])
         assert script.default_out() == Path(cfg.backbone.path)
         assert cache is None or cfg.backbone.path.startswith(cache)
 
