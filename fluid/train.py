@@ -63,13 +63,6 @@ def _one_console_log() -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    import lightning as L
-
-    _one_console_log()
-
-    from fluid.convert import backbone_and_tokenizer, build_module, check_finite, export_meta, export_sharded, is_sharded
-    from fluid.utils.callbacks import FiniteLoss
-    from fluid.utils.ckpt_io import remove_orphans, run_signature
     from fluid.utils.runinfo import git_revision, write_json, write_jsonl
     from fluid.validate import validate_train
 
@@ -89,6 +82,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(run_dir / "metrics.json", {"status": "running", "pid": os.getpid()})
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
+        import lightning as L  # with its imports about 8 s on 2 cores: a bad value is told before them
+
+        _one_console_log()
+
+        from fluid.convert import backbone_and_tokenizer, build_module, check_finite, export_meta, export_sharded, is_sharded
+        from fluid.utils.callbacks import FiniteLoss
+        from fluid.utils.ckpt_io import remove_orphans, run_signature
+
         resume, resume_step = _resume_from(cfg, run_dir)
         orphans = remove_orphans(run_dir / "checkpoints") if _rank_zero(None) else []
         if orphans:
