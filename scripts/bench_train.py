@@ -45,6 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CASES = ["dense", "flex", "ref", "causal", "khead", "khead_expanded", "two_pass"]
+# what run_case imports, loaded once by the process server that forks the cases
+CASE_MODULES = ["transformers", "fluid.backbones.spec", "fluid.data.sft", "fluid.lanes", "fluid.modules.lora",
+                "fluid.khead.frozen", "fluid.modules.hybrid", "fluid.modules.khead"]
 
 
 def build(args):
@@ -264,7 +267,10 @@ def main(argv=None):
     p.add_argument("--cases", default=",".join(CASES))
     args = p.parse_args(argv)
 
-    ctx = mp.get_context("spawn")
+    # each case in its own process (its own peak memory), forked from a server that has imported
+    # torch and the model code once: a spawned process per case re-imported them (seconds each)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *CASE_MODULES])
     results = {}
     for case in args.cases.split(","):
         if skip_reason(case, args):
