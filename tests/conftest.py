@@ -35,6 +35,30 @@ def compose_cfg(overrides: list[str], out_dir: Path, cache_dir: Path | None = No
     return cfg
 
 
+def run_cli(module: str, argv: list[str], capsys=None) -> tuple[int, str]:
+    """``python -m fluid.<module> ARGV`` in this process: (exit status, stderr; "" without
+    ``capsys``, where pytest keeps the output of a failing test). A test process has
+    imported torch, transformers and Lightning once; a subprocess spends seconds on them again, so
+    a subprocess is for what needs one (a signal, a kill, several ranks, the demo's own children)."""
+    import importlib
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    mod = importlib.import_module(f"fluid.{module}")
+    old, sys.argv = sys.argv, [f"fluid.{module}", *argv]
+    code = 0
+    try:
+        mod.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = old
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err if capsys is not None else ""
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fluid-cache")

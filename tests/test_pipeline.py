@@ -1,5 +1,5 @@
 """Stages 0 -> 1 -> 2 end to end through the composed Hydra config (tiny, seconds), and a
-two-value tau multirun through the real CLI in a subprocess."""
+two-value tau multirun through the real command line (``python -m fluid.train -m``'s main)."""
 
 import json
 import os
@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fluid.train import train
-from tests.conftest import ROOT, assert_model_generate_is_fluid_and_greedy, compose_cfg, hist_mean
+from tests.conftest import ROOT, assert_model_generate_is_fluid_and_greedy, compose_cfg, hist_mean, run_cli
 
 SMALL = ["logger=csv", "trainer.enable_progress_bar=false", "data.source.n_train=200", "data.source.n_val=16",
          "data.source.n_test=8", "stage.module.eval_max_new_tokens=16", "trainer.enable_model_summary=false"]
@@ -139,15 +139,15 @@ def test_stage2_trains_the_head(stage1, tmp_path, cache_dir, artifacts):
     assert m["val/mean_pred_k"] == pytest.approx(hist_mean(hist["pred_k"]), rel=1e-5)
 
 
-def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artifacts):
+def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artifacts, capsys):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fluid.train", "-m", "experiment=tiny_stage2", "tau.value=1.5,4.0", "trainer.max_steps=2",
-           "trainer.val_check_interval=2", *[o for o in SMALL if "eval_max" not in o],
-           f"paths.artifacts_dir={artifacts}", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
-           "logger=wandb", "logger.wandb.offline=true"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    argv = ["-m", "experiment=tiny_stage2", "tau.value=1.5,4.0", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", *[o for o in SMALL if "eval_max" not in o],
+            f"paths.artifacts_dir={artifacts}", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
+            "logger=wandb", "logger.wandb.offline=true"]
+    assert os.environ["WANDB_MODE"] == "offline"
+    code, err = run_cli("train", argv, capsys)  # python -m fluid.train -m ..., in this process
+    assert code == 0, err[-3000:]
     runs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
     assert runs == ["0", "1"]
     summary = json.loads((sweep / "summary.json").read_text())

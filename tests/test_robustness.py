@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 # (overrides, the key the one-line message must name)
 TRAIN_CASES = [
@@ -85,25 +85,11 @@ GENERATE_CASES = [
 
 
 def run_main(module: str, overrides: list[str], tmp_path, capsys, checkpoint=None):
-    """``python -m fluid.<module> OVERRIDES`` in this process; (exit code, stderr)."""
-    import importlib
-
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    mod = importlib.import_module(f"fluid.{module}")
-    argv = [module, *overrides, f"hydra.run.dir={tmp_path / 'run'}", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
-            "logger=csv"] if module == "train" else [module, *overrides, f"hydra.run.dir={tmp_path / 'run'}",
-                                                      f"checkpoint={checkpoint or tmp_path / 'artifacts' / 'none'}"]
-    old = sys.argv
-    sys.argv = argv
-    try:
-        with pytest.raises(SystemExit) as e:
-            mod.main()
-    finally:
-        sys.argv = old
-        GlobalHydra.instance().clear()
-    return e.value.code, capsys.readouterr().err
+    """``python -m fluid.<module> OVERRIDES`` in this process, its run in ``tmp_path/run``; (exit code, stderr)."""
+    argv = [*overrides, f"hydra.run.dir={tmp_path / 'run'}", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+            "logger=csv"] if module == "train" else [*overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                                                     f"checkpoint={checkpoint or tmp_path / 'artifacts' / 'none'}"]
+    return run_cli(module, argv, capsys)
 
 
 @pytest.mark.parametrize("overrides,key", TRAIN_CASES, ids=[" ".join(o) for o, _ in TRAIN_CASES])
@@ -252,12 +238,22 @@ def test_kill_9_is_reported_by_the_next_start(tmp_path, cache_dir, capsys):
     assert code == 2 and m["previous_status"] == "killed" and m["status"] == "failed"
 
 
-def _stage0_cmd(run, cache_dir, steps, *extra):
-    return [sys.executable, "-m", "fluid.train", "experiment=tiny_stage0", f"trainer.max_steps={steps}", "logger=csv",
+def _stage0_args(run, cache_dir, steps, *extra):
+    """A short stage-0 run in ``run`` with a checkpoint every 2 steps and a log of its batches."""
+    return ["experiment=tiny_stage0", f"trainer.max_steps={steps}", "logger=csv",
             "publish=false", "test=false", "trainer.enable_progress_bar=false", "data.source.n_train=96", "data.source.n_val=8",
             "data.batch_size=8", "trainer.val_check_interval=1000", "callbacks.model_checkpoint.every_n_train_steps=2",
             f"+callbacks.batch_log={{_target_:fluid.utils.callbacks.BatchLog,path:{run}/batches.jsonl}}",
             f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}", *extra]
+
+
+def _stage0_cmd(run, cache_dir, steps, *extra):
+    return [sys.executable, "-m", "fluid.train", *_stage0_args(run, cache_dir, steps, *extra)]
+
+
+def _train_in_process(args, capsys=None) -> None:
+    code, err = run_cli("train", args, capsys)
+    assert code == 0, err[-2000:]
 
 
 def _batches(run) -> list[tuple[int, str]]:
@@ -265,7 +261,7 @@ def _batches(run) -> list[tuple[int, str]]:
     return [(r["step"], r["batch"]) for r in rows]
 
 
-def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir):
+def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir, capsys):
     """An uninterrupted 16-step run (12 batches an epoch) against one killed with SIGKILL after
     a checkpoint and resumed with ``ckpt_path=last`` in its own directory: the same final step
     and, step for step, the same batches (across the epoch boundary too)."""
@@ -273,8 +269,7 @@ def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir):
     import time
 
     full = tmp_path / "full"
-    r = subprocess.run(_stage0_cmd(full, cache_dir, 16), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _train_in_process(_stage0_args(full, cache_dir, 16), capsys)
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(_stage0_cmd(run, cache_dir, 16), cwd=ROOT,
@@ -289,9 +284,7 @@ def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and last.exists()
     seen = _batches(run)
-    r = subprocess.run(_stage0_cmd(run, cache_dir, 16, "ckpt_path=last"), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _train_in_process(_stage0_args(run, cache_dir, 16, "ckpt_path=last"), capsys)
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "completed" and m["train/steps"] == 16 and m["previous_status"] == "killed"
     resumed = _batches(run)[len(seen):]
@@ -303,18 +296,15 @@ def test_kill_9_then_resume_from_last_sees_the_same_data(tmp_path, cache_dir):
     assert sorted(by_step.items()) == _batches(full)
 
 
-def test_a_resumed_run_keeps_the_metrics_its_first_part_logged(tmp_path, cache_dir):
+def test_a_resumed_run_keeps_the_metrics_its_first_part_logged(tmp_path, cache_dir, capsys):
     """Lightning's CSV logger deletes ``metrics.csv`` when it starts in a directory that has one;
     a run resumed with ``ckpt_path=last`` keeps the rows of the steps before its checkpoint."""
     import csv
 
     run = tmp_path / "run"
     log1 = ["trainer.log_every_n_steps=1"]
-    r = subprocess.run(_stage0_cmd(run, cache_dir, 4, *log1), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(_stage0_cmd(run, cache_dir, 8, *log1, "ckpt_path=last"), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _train_in_process(_stage0_args(run, cache_dir, 4, *log1), capsys)
+    _train_in_process(_stage0_args(run, cache_dir, 8, *log1, "ckpt_path=last"), capsys)
     with open(run / "csv" / "metrics.csv", newline="") as f:
         steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
     assert steps == list(range(min(steps), 8)) and min(steps) <= 1, steps
@@ -488,8 +478,7 @@ def test_ddp_resume_sees_the_same_data(tmp_path, cache_dir):
 def stage0_run(tmp_path_factory, cache_dir):
     """A 4-step stage-0 run with a checkpoint every 2 steps (its last.ckpt is at step 4)."""
     run = tmp_path_factory.mktemp("resume") / "stage0"
-    r = subprocess.run(_stage0_cmd(run, cache_dir, 4), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _train_in_process(_stage0_args(run, cache_dir, 4))
     return run
 
 
@@ -531,13 +520,12 @@ def test_a_corrupt_checkpoint_is_named_in_one_line(kind, stage0_run, tmp_path, c
         torch.save({"weights": [1, 2, 3]}, bad)
     line = _refused(*run_main("train", ["stage=0", f"ckpt_path={bad}"], tmp_path, capsys), "ckpt_path", tmp_path)
     assert str(bad) in line
-    r = subprocess.run([sys.executable, "-m", "fluid.convert", str(stage0_run), "--ckpt", str(bad), "--out",
-                        str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and lines[-1].startswith("error: ckpt:") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    code, err = run_cli("convert", [str(stage0_run), "--ckpt", str(bad), "--out", str(tmp_path / "export")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: ckpt:") and "Traceback" not in err, err[-2000:]
 
 
-def test_last_means_the_newest_checkpoint_and_orphans_are_removed(stage0_run, tmp_path, cache_dir):
+def test_last_means_the_newest_checkpoint_and_orphans_are_removed(stage0_run, tmp_path, cache_dir, capsys):
     """Resumed twice with different save intervals: one last.ckpt (no last-v1.ckpt left behind
     at an older step), each resume starting where the previous run stopped; a temporary file a
     kill during a save left is removed at the next start."""
@@ -550,17 +538,16 @@ def test_last_means_the_newest_checkpoint_and_orphans_are_removed(stage0_run, tm
     orphan = run / "checkpoints" / ".last.ckpt.tmp999999999"  # no such process
     orphan.write_bytes(b"half a checkpoint")
     for steps, every in ((6, 3), (8, 2)):
-        cmd = [c if not c.startswith("callbacks.model_checkpoint.every_n_train_steps=") else
-               f"callbacks.model_checkpoint.every_n_train_steps={every}" for c in _stage0_cmd(run, cache_dir, steps)]
-        r = subprocess.run([*cmd, "ckpt_path=last"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
+        args = [c if not c.startswith("callbacks.model_checkpoint.every_n_train_steps=") else
+                f"callbacks.model_checkpoint.every_n_train_steps={every}" for c in _stage0_args(run, cache_dir, steps)]
+        _train_in_process([*args, "ckpt_path=last"], capsys)
         m = json.loads((run / "metrics.json").read_text())
         assert m["status"] == "completed" and m["train/steps"] == steps
         lasts = sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt"))
         assert lasts == ["last.ckpt"], lasts
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, mmap=True)["global_step"] == steps
-        out = r.stdout + r.stderr
-        assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step {steps - 2})" in out, out[-3000:]
+        log = (run / "train.log").read_text()  # the run's log (each start appends)
+        assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step {steps - 2})" in log, log[-3000:]
     assert not orphan.exists()
 
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 pytest.importorskip("deepspeed")
 
@@ -31,12 +31,18 @@ ZERO = {"deepspeed_zero2": ["strategy=deepspeed_zero2", CPU_DEEPSPEED],
 
 
 def _train(run, *args, stage="1", env=None):
+    """A short run: a sharded or GPU one in its own process (it sets up torch.distributed or
+    CUDA), a plain CPU one in this process (no seconds of imports)."""
     short_test = ["stage.module.eval_max_new_tokens=8"] if stage == "1" else ["test=false"]
-    cmd = [sys.executable, "-m", "fluid.train", f"experiment=tiny_stage{stage}", *COMMON, *short_test, *args,
-           f"hydra.run.dir={run}"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert r.returncode == 0, r.stderr[-3000:]
+    argv = [f"experiment=tiny_stage{stage}", *COMMON, *short_test, *args, f"hydra.run.dir={run}"]
+    if any(a.startswith(("strategy=", "trainer=")) for a in args):
+        r = subprocess.run([sys.executable, "-m", "fluid.train", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        assert r.returncode == 0, r.stderr[-3000:]
+    else:
+        assert not env
+        code, _ = run_cli("train", argv)
+        assert code == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "completed" and m["train/steps"] == 3
     return m
@@ -76,9 +82,7 @@ def test_zero_run_exports_the_trained_weights(zero, tmp_path, tiny_checkpoint, p
     assert (run / "checkpoints" / "last.ckpt" / "latest").exists()  # a ZeRO checkpoint directory
 
     out = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-m", "fluid.convert", str(run), "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_cli("convert", [str(run), "--out", str(out)])[0] == 0
     assert _max_diff(_weights(out), exported) == 0
     from fluid.checkpoint import load_fluid
 
@@ -100,15 +104,14 @@ def test_zero3_stage2_exports_the_head(tmp_path, tiny_checkpoint, plain_run):
     assert _max_diff(heads["plain"], heads["zero3"]) < 1e-5
 
 
-def test_convert_refuses_bad_input_in_one_line(tmp_path, plain_run):
+def test_convert_refuses_bad_input_in_one_line(tmp_path, plain_run, capsys):
     cases = [([str(tmp_path)], "error: run_dir:"),  # no config.yaml
              ([str(plain_run), "--ckpt", str(tmp_path / "none.ckpt")], "error: ckpt:"),
              ([str(plain_run), "--ckpt", str(tmp_path)], "error: ckpt:")]  # a directory, not DeepSpeed's
     for args, want in cases:
-        r = subprocess.run([sys.executable, "-m", "fluid.convert", *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and lines[-1].startswith(want) and "Traceback" not in r.stderr, r.stderr[-2000:]
+        code, err = run_cli("convert", args, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and lines[-1].startswith(want) and "Traceback" not in err, err[-2000:]
 
 
 # ---------------------------------------------------------------- CUDA: Lightning's own strategies
