@@ -47,8 +47,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)  ## create the virtual environment (idempotent)
 
 # the default suite runs on every core, one torch thread per worker (a file's tests stay on one
-# worker, so module fixtures are built once): about 8 min on 2 cores against 12 serial (one
-# worker more than cores measured 9 min 42 s: no gain)
+# worker, so module fixtures are built once); one worker more than cores measured no gain
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 test: $(STAMP)  ## the default test suite (CPU, no slow or GPU tests)
