@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluid.config import CONF_DIR, register_resolvers, run_entry_point
 from fluid.utils.build import instantiate, instantiate_dict
-from fluid.utils.errors import FluidConfigError, one_line_errors
+from fluid.utils.errors import one_line_errors
+from fluid.utils.resume import keep_csv_history, previous_status, rank_zero, resume_from, save_on_signal
 
 log = logging.getLogger("fluid.train")
 register_resolvers()
@@ -75,10 +76,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(run_dir / "git.json", git_revision(Path(__file__).parent))
     metrics: dict[str, Any] = {"status": "failed"}
     trainer = None
-    previous = _previous_status(run_dir) if _rank_zero(None) else None  # one rank reads and writes the status
+    previous = previous_status(run_dir) if rank_zero(None) else None  # one rank reads and writes the status
     if previous is not None:
         metrics["previous_status"] = previous
-    if _rank_zero(None):  # a kill -9 leaves this behind: the next start in the directory reports it
+    if rank_zero(None):  # a kill -9 leaves this behind: the next start in the directory reports it
         write_json(run_dir / "metrics.json", {"status": "running", "pid": os.getpid()})
     try:
         validate_train(cfg)  # ranges, types, devices, the checkpoint's stage: before anything heavy
@@ -90,8 +91,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from fluid.utils.callbacks import FiniteLoss
         from fluid.utils.ckpt_io import remove_orphans, run_signature
 
-        resume, resume_step = _resume_from(cfg, run_dir)
-        orphans = remove_orphans(run_dir / "checkpoints") if _rank_zero(None) else []
+        resume, resume_step = resume_from(cfg, run_dir)
+        orphans = remove_orphans(run_dir / "checkpoints") if rank_zero(None) else []
         if orphans:
             log.warning("removed %d temporary file(s) a kill during a save left: %s", len(orphans),
                         ", ".join(p.name for p in orphans))
@@ -102,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, spec, tokenizer)
         loggers = instantiate_dict(cfg.logger, "logger")
         if resume:
-            _keep_csv_history(loggers, resume_step)
+            keep_csv_history(loggers, resume_step)
             # Lightning warns that a mid-epoch resume may repeat data unless the loader is stateful;
             # the training sampler (data/datamodule.ResumableSampler) continues from the restored batch count
             warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -148,7 +149,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if type(e).__name__ == "SIGTERMException":  # how SLURM preempts: save what there is, exit non-zero
             metrics["status"] = "terminated"
             metrics["error"] = "SIGTERM received (preempted or cancelled)"
-            saved = _save_on_signal(trainer, run_dir)
+            saved = save_on_signal(trainer, run_dir)
             if saved:
                 metrics["terminated_checkpoint"] = saved
             raise SystemExit(128 + signal.SIGTERM) from None
@@ -157,7 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _finish_loggers(trainer)
         metrics["wall_time_s"] = time.perf_counter() - t0
         metrics["run_dir"] = str(run_dir.resolve())
-        if _rank_zero(trainer):
+        if rank_zero(trainer):
             write_json(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", {k: v for k, v in sorted(metrics.items())})
     return metrics
@@ -201,90 +202,6 @@ def _plugins(strategy) -> list:
     return [] if "DeepSpeed" in name or "FSDP" in name or "deepspeed" in name or "fsdp" in name else [AtomicCheckpointIO()]
 
 
-def _resume_from(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int | None]:
-    """(file, its step). ``ckpt_path=last``: this run directory's newest checkpoint (by the step inside);
-    ``ckpt_path=FILE``: that file. Refused in one line, before any work: a file that is not a
-    readable checkpoint, one another stage, backbone or adapter setting wrote, and one that is
-    already at ``trainer.max_steps`` (it would train nothing and publish its weights as new)."""
-    from fluid.utils.ckpt_io import SIGNATURE_KEY, newest_checkpoint, read_training_checkpoint, run_signature
-
-    want = cfg.get("ckpt_path")
-    if not want:
-        return None, None
-    path = newest_checkpoint(run_dir / "checkpoints") if want == "last" else Path(want)
-    if path is None or not path.exists():  # a file, or a directory where DeepSpeed saved one
-        raise FluidConfigError("ckpt_path", f"{str(path or run_dir / 'checkpoints' / 'last.ckpt')!r} does not exist",
-                               "resume in the run's own directory (hydra.run.dir=RUN_DIR ckpt_path=last) or give a .ckpt file")
-    info = read_training_checkpoint(path)
-    sig, mine = info[SIGNATURE_KEY], run_signature(cfg)
-    if sig is not None and sig != mine:
-        diff = ", ".join(f"{k} {sig.get(k)!r} (this run: {mine[k]!r})" for k in mine if sig.get(k) != mine[k])
-        raise FluidConfigError("ckpt_path", f"{str(path)!r} was written by another run: {diff}",
-                               "resume with that run's settings, or start a new run without ckpt_path")
-    if sig is None and info["global_step"] is not None:
-        log.warning("%s records no stage or backbone (an older checkpoint): resuming unchecked", path)
-    step, max_steps = info["global_step"], int(cfg.trainer.max_steps)
-    if step is not None and max_steps > 0 and step >= max_steps:
-        raise FluidConfigError("ckpt_path", f"{str(path)!r} is already at step {step}, and trainer.max_steps is "
-                               f"{max_steps}: nothing to train", "raise stage.max_steps to train further")
-    log.info("resuming from %s (step %s)", path, step)
-    return str(path), step
-
-
-def _keep_csv_history(loggers: list, resumed_step: int | None) -> None:
-    """Lightning's CSVLogger deletes ``metrics.csv`` when it starts in a directory that has one: a
-    resumed run keeps the rows its checkpoint's steps logged (later ones are logged again)."""
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
-    for lg in loggers:
-        path = Path(lg.log_dir) / "metrics.csv" if isinstance(lg, CSVLogger) else None
-        if path is None or not path.is_file() or not _rank_zero(None):
-            continue
-        with open(path, newline="") as f:
-            old = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-        old = [r for r in old if resumed_step is None or int(float(r.get("step", 0))) < resumed_step]
-        lg.experiment.metrics[:0] = old  # the writer deleted the file; its first save writes these first
-
-
-def _previous_status(run_dir: Path) -> str | None:
-    """What the last run in ``run_dir`` left: ``killed`` when it was still running and its
-    process is gone (kill -9, out of memory, a lost node)."""
-    import json
-
-    path = run_dir / "metrics.json"
-    if not path.exists():
-        return None
-    try:
-        prev = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return "unreadable"
-    if prev.get("status") == "running":
-        pid = prev.get("pid")
-        try:
-            alive = pid is not None and pid != os.getpid() and (os.kill(pid, 0) or True)
-        except OSError:
-            alive = False
-        status = "running elsewhere" if alive else "killed"
-        log.warning("%s: the previous run here ended without a status: %s", run_dir, status)
-        return status
-    return prev.get("status")
-
-
-def _save_on_signal(trainer, run_dir: Path) -> str | None:
-    """A checkpoint of where a terminated run got to (``checkpoints/terminated.ckpt``)."""
-    if trainer is None or trainer.global_step == 0:
-        return None
-    path = run_dir / "checkpoints" / "terminated.ckpt"
-    try:
-        trainer.save_checkpoint(path)
-    except Exception as e:  # noqa: BLE001 - the run is ending anyway; say why nothing was saved
-        log.warning("SIGTERM: could not save %s: %s", path, e)
-        return None
-    return str(path)
-
-
 def _gather_records(trainer, records: list[dict]) -> list[dict]:
     """Every rank's test records, in rank order (one device: its own)."""
     if trainer.world_size == 1:
@@ -294,12 +211,6 @@ def _gather_records(trainer, records: list[dict]) -> list[dict]:
     parts = [None] * trainer.world_size
     dist.all_gather_object(parts, records)
     return [r for part in parts for r in part]
-
-
-def _rank_zero(trainer) -> bool:
-    if trainer is not None:
-        return trainer.is_global_zero
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def _finish_loggers(trainer) -> None:
