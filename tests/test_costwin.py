@@ -8,7 +8,7 @@ import torch
 
 from fluid.decoding import DecodeConfig, FluidDecoder
 from fluid.decoding.cost import ForwardCost, measure_curve
-from fluid.decoding.costwin import Acceptance, Draft, RowState, best_window, net_lane_gain, plan, plan_batch, window_totals
+from fluid.decoding.costplan import Acceptance, Draft, RowState, best_window, net_lane_gain, plan, plan_batch, window_totals
 from fluid.decoding.ngram import NgramIndex
 from tests.conftest import DECODE_VOCAB as VOCAB
 from tests.conftest import Tok, ar_reference, constant_model, random_prompts, tiny_model

@@ -12,7 +12,7 @@ import torch
 
 from fluid.backbones.tokens import pad_token_id
 from fluid.checkpoint import mask_token_id as resolve_mask_id
-from fluid.decoding import ar, costwin, fluid, published
+from fluid.decoding import ar, costplan, costwin, fluid, published
 from fluid.decoding.config import DecodeConfig
 from fluid.decoding.cost import ForwardCost
 from fluid.decoding.horizon import horizon_source
@@ -42,7 +42,7 @@ class FluidDecoder:
         self.stop_strings = list(stop_strings)
         self._compiled = None
         self._costs: dict[tuple, ForwardCost] = {}       # window=cost: forward-cost curves, measured once
-        self._acceptance: dict[tuple, costwin.Acceptance] = {}  # and acceptance counted across calls
+        self._acceptance: dict[tuple, costplan.Acceptance] = {}  # and acceptance counted across calls
 
     def generate(self, prompts: Sequence[Sequence[int] | str], reference: Sequence[Sequence[int]] | None = None,
                  progress: str | None = None, **overrides) -> dict:
@@ -94,7 +94,7 @@ class FluidDecoder:
         akey = (cfg.ngram, cfg.ngram_min, cfg.ngram_max, cfg.ngram_draft, cfg.lane_len, cfg.share_verify_draft,
                 cfg.explore)
         if akey not in self._acceptance:
-            self._acceptance[akey] = costwin.Acceptance(cfg.explore)
+            self._acceptance[akey] = costplan.Acceptance(cfg.explore)
         return {"cost": self._costs[ckey], "acceptance": self._acceptance[akey]}
 
     def calibrate(self, batch_sizes: Sequence[int] = (1,), **overrides) -> None:
