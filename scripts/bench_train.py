@@ -21,8 +21,10 @@ recipe says; ``--finetune lora`` for LoRA r=16 as on the real backbones):
 ``--backbone NAME`` takes a configured backbone (conf/backbone/NAME.yaml, its weights and
 tokenizer) instead of the scratch Llama, on synthetic rows of ``--seq-len`` tokens.
 
-Each case runs in its own subprocess so that peak memory is its own (CUDA: max allocated;
-CPU: peak RSS growth over the loaded model). Prints a table, writes JSON.
+Each case runs in its own process, forked from a server that imported torch and the model code,
+so that peak memory is its own (CUDA: max allocated; CPU: peak RSS growth over the loaded model,
+from the forked process's own high-water mark: a spawned process inherited the parent's, which
+could hide a small case's growth). Prints a table, writes JSON.
 
   python scripts/bench_train.py --out outputs/bench/train.json
   python scripts/bench_train.py --out bench.json --device cuda --seq-len 1000 --batch-size 2
@@ -192,7 +194,7 @@ def step(model, opt, case, lb, pad_id):
 
 
 def skip_reason(case, args) -> str | None:
-    """Why ``case`` cannot run with ``args`` (decided before a process is spawned for it)."""
+    """Why ``case`` cannot run with ``args`` (decided before a process is started for it)."""
     if case == "flex" and args.device != "cuda":
         return "flex attention training needs CUDA"
     if case == "two_pass" and args.finetune != "exact":

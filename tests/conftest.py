@@ -39,23 +39,38 @@ def run_cli(module: str, argv: list[str], capsys=None) -> tuple[int, str]:
     """``python -m fluid.<module> ARGV`` in this process: (exit status, stderr; "" without
     ``capsys``, where pytest keeps the output of a failing test). A test process has
     imported torch, transformers and Lightning once; a subprocess spends seconds on them again, so
-    a subprocess is for what needs one (a signal, a kill, several ranks, the demo's own children)."""
+    a subprocess is for what needs one (a signal, a kill, several ranks, the demo's own children).
+    As a command in the repository root would: the working directory is the root; what the run
+    changes in this process (argv, Hydra's global state, the root logger's handlers and level,
+    torch's thread count) is put back afterwards."""
     import importlib
+    import logging
     import sys
 
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     mod = importlib.import_module(f"fluid.{module}")
+    root = logging.getLogger()
+    handlers, level, threads, cwd = root.handlers[:], root.level, torch.get_num_threads(), os.getcwd()
     old, sys.argv = sys.argv, [f"fluid.{module}", *argv]
     code = 0
     try:
+        os.chdir(ROOT)
         mod.main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         sys.argv = old
+        os.chdir(cwd)
         GlobalHydra.instance().clear()
+        for h in root.handlers[:]:  # Hydra's console and train.log handlers, bound to this test's streams
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
     return code, capsys.readouterr().err if capsys is not None else ""
 
 

@@ -2,7 +2,6 @@
 two-value tau multirun through the real command line (``python -m fluid.train -m``'s main)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -139,13 +138,13 @@ def test_stage2_trains_the_head(stage1, tmp_path, cache_dir, artifacts):
     assert m["val/mean_pred_k"] == pytest.approx(hist_mean(hist["pred_k"]), rel=1e-5)
 
 
-def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artifacts, capsys):
+def test_tau_multirun_writes_runs_and_summary(stage1, tmp_path, cache_dir, artifacts, capsys, monkeypatch):
     sweep = tmp_path / "sweep"
     argv = ["-m", "experiment=tiny_stage2", "tau.value=1.5,4.0", "trainer.max_steps=2",
             "trainer.val_check_interval=2", *[o for o in SMALL if "eval_max" not in o],
             f"paths.artifacts_dir={artifacts}", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
             "logger=wandb", "logger.wandb.offline=true"]
-    assert os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "offline")
     code, err = run_cli("train", argv, capsys)  # python -m fluid.train -m ..., in this process
     assert code == 0, err[-3000:]
     runs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))

@@ -30,19 +30,19 @@ ZERO = {"deepspeed_zero2": ["strategy=deepspeed_zero2", CPU_DEEPSPEED],
         "deepspeed_zero3": ["strategy=deepspeed_zero3", CPU_DEEPSPEED, SHARD_ALL]}
 
 
-def _train(run, *args, stage="1", env=None):
-    """A short run: a sharded or GPU one in its own process (it sets up torch.distributed or
-    CUDA), a plain CPU one in this process (no seconds of imports)."""
+def _train(run, *args, stage="1", in_process=False):
+    """A short run on one torch thread; a sharded or GPU one in its own process (it sets up
+    torch.distributed or CUDA), a plain CPU one may run in this process (no seconds of imports)."""
     short_test = ["stage.module.eval_max_new_tokens=8"] if stage == "1" else ["test=false"]
     argv = [f"experiment=tiny_stage{stage}", *COMMON, *short_test, *args, f"hydra.run.dir={run}"]
-    if any(a.startswith(("strategy=", "trainer=")) for a in args):
-        r = subprocess.run([sys.executable, "-m", "fluid.train", *argv], cwd=ROOT, capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        assert r.returncode == 0, r.stderr[-3000:]
-    else:
-        assert not env
+    if in_process:
+        torch.set_num_threads(1)  # run_cli puts the worker's count back
         code, _ = run_cli("train", argv)
         assert code == 0
+    else:
+        r = subprocess.run([sys.executable, "-m", "fluid.train", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "completed" and m["train/steps"] == 3
     return m
@@ -63,7 +63,7 @@ def _max_diff(a, b):
 def plain_run(tmp_path_factory, tiny_checkpoint):
     """The reference: the same 3 stage-1 steps without DeepSpeed."""
     run = tmp_path_factory.mktemp("plain") / "run"
-    _train(run, f"backbone.path={tiny_checkpoint}")
+    _train(run, f"backbone.path={tiny_checkpoint}", in_process=True)
     return run
 
 
@@ -97,7 +97,7 @@ def test_zero3_stage2_exports_the_head(tmp_path, tiny_checkpoint, plain_run):
     runs = {}
     for name, extra in {"plain": [], "zero3": ZERO["deepspeed_zero3"]}.items():
         runs[name] = tmp_path / name
-        _train(runs[name], init, *extra, stage="2")
+        _train(runs[name], init, *extra, stage="2", in_process=not extra)
     from safetensors.torch import load_file
 
     heads = {n: load_file(str(r / "checkpoint" / "khead.safetensors")) for n, r in runs.items()}

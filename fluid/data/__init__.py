@@ -12,3 +12,7 @@ def __getattr__(name: str):
 
         return SFTDataModule
     raise AttributeError(f"module 'fluid.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
