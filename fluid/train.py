@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from fluid.config import CONF_DIR, register_resolvers, run_entry_point
 from fluid.utils.build import instantiate, instantiate_dict
 from fluid.utils.errors import one_line_errors
-from fluid.utils.resume import keep_csv_history, previous_status, rank_zero, resume_from, save_on_signal
+from fluid.utils.resume import keep_csv_history, previous_status, resume_from, save_on_signal
+from fluid.utils.runinfo import git_revision, rank_zero, write_json, write_jsonl
 
 log = logging.getLogger("fluid.train")
 register_resolvers()
@@ -64,7 +65,6 @@ def _one_console_log() -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    from fluid.utils.runinfo import git_revision, write_json, write_jsonl
     from fluid.validate import validate_train
 
     t0 = time.perf_counter()

@@ -35,14 +35,14 @@ def compose_cfg(overrides: list[str], out_dir: Path, cache_dir: Path | None = No
     return cfg
 
 
-def run_cli(module: str, argv: list[str], capsys=None) -> tuple[int, str]:
+def run_cli(module: str, argv: list[str], capsys=None, threads: int | None = None) -> tuple[int, str]:
     """``python -m fluid.<module> ARGV`` in this process: (exit status, stderr; "" without
     ``capsys``, where pytest keeps the output of a failing test). A test process has
     imported torch, transformers and Lightning once; a subprocess spends seconds on them again, so
     a subprocess is for what needs one (a signal, a kill, several ranks, the demo's own children).
     As a command in the repository root would: the working directory is the root; what the run
     changes in this process (argv, Hydra's global state, the root logger's handlers and level,
-    torch's thread count) is put back afterwards."""
+    torch's thread count: ``threads`` for this run) is put back afterwards."""
     import importlib
     import logging
     import sys
@@ -57,6 +57,8 @@ def run_cli(module: str, argv: list[str], capsys=None) -> tuple[int, str]:
     code = 0
     try:
         os.chdir(ROOT)
+        if threads:
+            torch.set_num_threads(threads)
         mod.main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)

@@ -36,8 +36,7 @@ def _train(run, *args, stage="1", in_process=False):
     short_test = ["stage.module.eval_max_new_tokens=8"] if stage == "1" else ["test=false"]
     argv = [f"experiment=tiny_stage{stage}", *COMMON, *short_test, *args, f"hydra.run.dir={run}"]
     if in_process:
-        torch.set_num_threads(1)  # run_cli puts the worker's count back
-        code, _ = run_cli("train", argv)
+        code, _ = run_cli("train", argv, threads=1)
         assert code == 0
     else:
         r = subprocess.run([sys.executable, "-m", "fluid.train", *argv], cwd=ROOT, capture_output=True, text=True,

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fluid.utils.errors import FluidConfigError
+from fluid.utils.runinfo import rank_zero
 
 log = logging.getLogger("fluid.train")
 
@@ -97,9 +98,3 @@ def save_on_signal(trainer, run_dir: Path) -> str | None:
         log.warning("SIGTERM: could not save %s: %s", path, e)
         return None
     return str(path)
-
-
-def rank_zero(trainer) -> bool:
-    if trainer is not None:
-        return trainer.is_global_zero
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0

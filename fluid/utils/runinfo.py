@@ -1,4 +1,5 @@
-"""What every run records beside its outputs: git revision, metrics, resolved config."""
+"""What every run records beside its outputs: git revision, metrics, resolved config; and which
+process of a multi-device run records it (:func:`rank_zero`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
+
+
+def rank_zero(trainer) -> bool:
+    """Whether this process is global rank 0 (the one that writes a run's files): the trainer's
+    answer, or before there is one, the launcher's ``RANK``/``LOCAL_RANK``."""
+    if trainer is not None:
+        return trainer.is_global_zero
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def git_revision(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
